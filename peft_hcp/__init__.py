@@ -1,0 +1,41 @@
+"""peft-hcp: HCP-Diffusion's model plugins as PEFT tuner types.
+
+Importing this package registers every bundled plugin type with PEFT, so that ``get_peft_model``,
+``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` know them.
+"""
+
+__version__ = "0.1.0"
+
+from peft_hcp.adapters.loha import HcpLohaConfig, LohaBlock
+from peft_hcp.adapters.lora import HcpLoraConfig, LoraBlock
+from peft_hcp.errors import (
+    CheckpointError,
+    MergeNotSupportedError,
+    SelectorMatchError,
+    SelectorSyntaxError,
+    UnsupportedLayerError,
+)
+from peft_hcp.selectors import Selector, Target, parse_selector, parse_selectors, resolve
+from peft_hcp.single.block import SinglePluginBlock
+from peft_hcp.single.config import HcpSingleConfig
+from peft_hcp.single.register import register_single_plugin
+
+__all__ = [
+    "CheckpointError",
+    "HcpLohaConfig",
+    "HcpLoraConfig",
+    "HcpSingleConfig",
+    "LohaBlock",
+    "LoraBlock",
+    "MergeNotSupportedError",
+    "Selector",
+    "SelectorMatchError",
+    "SelectorSyntaxError",
+    "SinglePluginBlock",
+    "Target",
+    "UnsupportedLayerError",
+    "parse_selector",
+    "parse_selectors",
+    "register_single_plugin",
+    "resolve",
+]

@@ -1,0 +1,65 @@
+"""The base of every peft-hcp config class."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from peft import PeftConfig
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+
+from peft_hcp import __version__
+from peft_hcp.checkpoint import check_adapter_folder, check_safetensors_file
+from peft_hcp.errors import CheckpointError
+from peft_hcp.registry import peft_type_for
+
+
+@dataclass
+class HcpConfig(PeftConfig):
+    """Fields and loading rules shared by all peft-hcp adapter configs.
+
+    A concrete config is bound to its tuner type by registration (``type_name``); its ``peft_type`` is
+    set from that and cannot be chosen by the caller or by a loaded file.
+    """
+
+    type_name: ClassVar[str]
+
+    peft_hcp_version: Optional[str] = field(
+        default=None, metadata={"help": "peft-hcp version that wrote the config; `import peft_hcp` to load it."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = getattr(type(self), "type_name", None)
+        if name is None:
+            raise TypeError(f"{type(self).__name__} is not registered as a peft-hcp type; register it before use.")
+        self.peft_type = peft_type_for(name)
+        if self.peft_hcp_version is None:
+            self.peft_hcp_version = __version__
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """PEFT's loader, after checking that the weights beside the config are whole safetensors."""
+        _check_weights_source(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+
+def _check_weights_source(source: str, subfolder: Optional[str], hub_kwargs: dict) -> None:
+    folder = os.path.join(source, subfolder) if subfolder else source
+    if os.path.isdir(folder):
+        check_adapter_folder(folder)
+        return
+    filename = f"{subfolder}/{SAFETENSORS_WEIGHTS_NAME}" if subfolder else SAFETENSORS_WEIGHTS_NAME
+    hub_kwargs = {k: v for k, v in hub_kwargs.items() if k != "subfolder"}
+    try:
+        path = hf_hub_download(source, filename, **hub_kwargs)
+    except EntryNotFoundError as exc:
+        raise CheckpointError(
+            f"{source} has no {filename}; peft-hcp loads adapter weights from safetensors only."
+        ) from exc
+    except Exception:  # noqa: BLE001 - not a repo we can reach: PEFT reports it in its own words
+        return
+    check_safetensors_file(path)

@@ -1,0 +1,27 @@
+"""Exception types raised by peft-hcp.
+
+Each derives from the built-in type PEFT and diffusers users already catch (``ValueError``,
+``TypeError``, ``NotImplementedError``), so code written against PEFT keeps working.
+"""
+
+from peft.utils.error import NoMatchingPeftModuleError
+
+
+class SelectorSyntaxError(ValueError):
+    """A layer selector is malformed: an unknown flag, a bad regular expression, an empty pattern."""
+
+
+class SelectorMatchError(NoMatchingPeftModuleError):
+    """A layer selector matched no module of the model."""
+
+
+class UnsupportedLayerError(TypeError):
+    """A selected layer is of a type the plugin cannot attach to."""
+
+
+class MergeNotSupportedError(NotImplementedError):
+    """The plugin's effect cannot be folded into the host's weights."""
+
+
+class CheckpointError(ValueError):
+    """An adapter checkpoint is corrupted, pickled, or made for a model of another shape."""

@@ -1,0 +1,61 @@
+"""Registering peft-hcp tuner types with PEFT.
+
+PEFT keys its tuner tables by members of the closed ``PeftType`` enum, and transformers and diffusers
+read ``config.peft_type.value``; a plain string key is not enough. :func:`register_tuner` therefore
+adds an enum member first and then calls PEFT's own ``register_peft_method``. Both steps are
+idempotent, so importing ``peft_hcp`` twice (or reloading a plugin module) is harmless, while a
+*different* class claiming a taken name is an error.
+
+How a saved adapter names its loader: every peft-hcp type is called ``HCP_*`` in
+``adapter_config.json`` (``"peft_type": "HCP_LORA"``), and the file also records
+``"peft_hcp_version"``. PEFT resolves that type only after ``import peft_hcp`` (PEFT has no plugin
+entry points); without the import PEFT raises ``KeyError: 'HCP_LORA'``. Loading never imports a
+module named in the file: only types registered in this process can be built.
+"""
+
+from __future__ import annotations
+
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import PeftType, register_peft_method
+
+TYPE_PREFIX = "hcp_"
+
+
+def peft_type_for(name: str) -> PeftType:
+    """Return the ``PeftType`` member for ``name``, adding it to the enum if it is new."""
+    key = name.upper()
+    if key in PeftType.__members__:
+        return PeftType[key]
+    member = str.__new__(PeftType, key)
+    member._name_ = key
+    member._value_ = key
+    member.__objclass__ = PeftType
+    type.__setattr__(PeftType, key, member)
+    PeftType._member_map_[key] = member
+    PeftType._value2member_map_[key] = member
+    PeftType._member_names_.append(key)
+    return member
+
+
+def register_tuner(name: str, config_cls: type, model_cls: type) -> PeftType:
+    """Register a peft-hcp tuner type under ``name`` (lower case, starting with ``hcp_``).
+
+    The adapter prefix is ``name + "_"``; ``model_cls.prefix`` must equal it.
+    """
+    if not name.startswith(TYPE_PREFIX) or not name.isidentifier() or not name.islower():
+        raise ValueError(f"A peft-hcp type name must be a lower-case identifier starting with {TYPE_PREFIX!r}: {name!r}")
+    peft_type = peft_type_for(name)
+    known = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+    if known is not None:
+        if _same_class(known, config_cls) and _same_class(PEFT_TYPE_TO_TUNER_MAPPING[peft_type], model_cls):
+            PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls  # a reloaded module: its classes win
+            PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
+            return peft_type
+        raise KeyError(f"The PEFT type {name!r} is already registered to {known.__module__}.{known.__qualname__}.")
+    register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=name + "_")
+    return peft_type
+
+
+def _same_class(a: type, b: type) -> bool:
+    """True for the same class, or the same class defined again by a module reload."""
+    return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)

@@ -1,0 +1,46 @@
+"""``HcpSingleConfig``: the fields every single-layer plugin config has."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft_hcp.config import HcpConfig
+from peft_hcp.selectors import parse_selectors
+
+
+@dataclass
+class HcpSingleConfig(HcpConfig):
+    """Base config of a single-layer plugin; subclass it with the plugin's own fields.
+
+    ``target_modules`` takes the selector grammar of :mod:`peft_hcp.selectors` (``re:``, exact names,
+    ``''`` for the whole model) as well as PEFT's forms (suffixes, one regex string, ``"all-linear"``).
+    A selected container attaches the plugin to every layer of its ``wrapable_classes`` inside it.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Layer selectors: 're:PATTERN' (full match), exact names, '' for the whole model."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Selectors of layers to leave alone, in the same grammar."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules besides the plugins to train and save in full (PEFT semantics)."}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: start as a no-op (the plugin's identity init). False: random init, for tests."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = list(self.target_modules)
+        for selectors in (self.target_modules, self.exclude_modules):
+            for selector in parse_selectors(selectors):  # fail at construction on a malformed selector
+                if selector.prehook:
+                    raise ValueError(
+                        f"Selector {selector.text!r}: a single-layer plugin acts on its host's output or "
+                        "parameters; 'prehook:' applies to cross-layer plugins only."
+                    )

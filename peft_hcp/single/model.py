@@ -1,0 +1,197 @@
+"""``HcpSingleModel``: the PEFT tuner (``BaseTuner``) of single-layer plugins.
+
+Target selection is peft-hcp's own: the selectors are resolved once per adapter against the model
+(:func:`find_hosts`) and PEFT's ``target_modules`` machinery only asks whether a name is among the
+hosts. PEFT rewrites ``target_modules`` in place when a list has 20 or more entries, which mangles
+regular expressions; the rewrite lands on a working copy of the config, never on the saved one.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _remove_adapter_name_from_state_dict_key
+from peft.utils import _get_submodules
+from torch import nn
+
+from peft_hcp.errors import CheckpointError, UnsupportedLayerError
+from peft_hcp.selectors import parse_selectors, resolve, selectable_modules
+from peft_hcp.single.block import SinglePluginBlock
+from peft_hcp.single.config import HcpSingleConfig
+from peft_hcp.single.layer import SinglePluginLayer
+
+
+def find_hosts(model: nn.Module, config: HcpSingleConfig, block_cls: type[SinglePluginBlock]) -> list[str]:
+    """Names of the layers a single plugin attaches to, in model order.
+
+    A selected layer of one of ``block_cls.wrapable_classes`` is a host; a selected container
+    contributes every such layer inside it. Layers matched by ``exclude_modules`` are dropped.
+    """
+    if config.target_modules is None:
+        raise ValueError("Please specify `target_modules` in `peft_config` (use [''] for every wrapable layer).")
+    modules = selectable_modules(model)
+    selectors = parse_selectors(config.target_modules)
+    excluded = {t.name for t in _resolve_optional(model, parse_selectors(config.exclude_modules), modules)}
+    hosts: dict[str, None] = {}
+    for selector in selectors:
+        chosen = {t.name for t in resolve(model, [selector], modules=modules)}
+        found = [
+            name
+            for name, module in modules
+            if _is_wrapable(module, block_cls) and name not in excluded and _under_any(name, chosen)
+        ]
+        if not found:
+            kinds = sorted({type(m).__name__ for n, m in modules if n in chosen})
+            raise UnsupportedLayerError(
+                f"Selector {selector.text!r} picked only layers of type {kinds} with no "
+                f"{'/'.join(c.__name__ for c in block_cls.wrapable_classes)} inside (after exclusions): "
+                f"{block_cls.__name__} cannot attach there."
+            )
+        hosts.update(dict.fromkeys(found))
+    order = {name: i for i, (name, _) in enumerate(modules)}
+    return sorted(hosts, key=order.__getitem__)
+
+
+def _resolve_optional(model, selectors, modules):
+    """Like :func:`resolve`, but a selector that matches nothing is fine (PEFT's exclude semantics)."""
+    return [t for s in selectors for t in _try_resolve(model, s, modules)]
+
+
+def _try_resolve(model, selector, modules):
+    try:
+        return resolve(model, [selector], modules=modules)
+    except ValueError:
+        return []
+
+
+def _is_wrapable(module: nn.Module, block_cls: type[SinglePluginBlock]) -> bool:
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    return isinstance(module, block_cls.wrapable_classes)
+
+
+def _under_any(name: str, roots: set[str]) -> bool:
+    """Whether ``name`` is one of ``roots`` or lies inside one of them (``''`` holds everything)."""
+    if "" in roots:
+        return True
+    while True:
+        if name in roots:
+            return True
+        name, dot, _ = name.rpartition(".")
+        if not dot:
+            return name in roots
+
+
+class HcpSingleModel(BaseTuner):
+    """Attaches one single-layer plugin type; a subclass per type is made by registration."""
+
+    prefix: str
+    tuner_layer_cls: type[SinglePluginLayer]
+    target_module_mapping: dict = {}
+
+    def _prepare_adapter_config(self, peft_config: HcpSingleConfig, model_config: dict) -> HcpSingleConfig:
+        return copy.copy(peft_config)  # PEFT may rewrite target_modules on what we return: keep the user's intact
+
+    def _prepare_model(self, peft_config: HcpSingleConfig, model: nn.Module) -> None:
+        hosts = find_hosts(model, peft_config, self.tuner_layer_cls.block_cls)
+        self._hosts = set(hosts)
+        peft_config.target_modules = hosts  # the working copy: what PEFT's bookkeeping sees
+
+    def _check_target_module_exists(self, peft_config: HcpSingleConfig, key: str) -> bool:
+        return key in self._hosts
+
+    def _create_and_replace(
+        self,
+        peft_config: HcpSingleConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: Optional[str] = None,
+    ) -> None:
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, peft_config)
+            return
+        self._replace_module(parent, target_name, self.tuner_layer_cls(target, adapter_name, peft_config), target)
+
+    def _own_layers(self) -> list[tuple[str, SinglePluginLayer]]:
+        """This type's tuner layers, nested ones included (another type's layer may wrap one)."""
+        return [(name, m) for name, m in self.model.named_modules() if isinstance(m, self.tuner_layer_cls)]
+
+    def _unwrap(self, name: str, layer: SinglePluginLayer) -> None:
+        parent, _, attr = _get_submodules(self.model, name)
+        setattr(parent, attr, layer.base_layer)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ) -> nn.Module:
+        if merge:
+            self._check_merge_allowed()
+        for name, layer in reversed(self._own_layers()):  # inner layers first: names stay valid
+            if merge:
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            self._unwrap(name, layer)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's ``delete_adapter``, then unwrap layers left without adapters, restoring the host."""
+        super().delete_adapter(adapter_name)
+        for name, layer in reversed(self._own_layers()):
+            if not layer.blocks:
+                self._unwrap(name, layer)
+        if not self.active_adapters and self.peft_config:
+            # PEFT takes the new active adapter from the first layer it meets, which may hold none
+            self.set_adapter(sorted(self.peft_config)[0])
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        attr = f".{cls.tuner_layer_cls.blocks_attr}."
+        marker = f"{attr}{adapter_name}."
+        if marker in key:
+            return key.replace(marker, attr, 1)
+        return _remove_adapter_name_from_state_dict_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: HcpSingleConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """PEFT's remapping, made strict: every plugin weight must be present, known and of the right shape."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        attr = f".{cls.tuner_layer_cls.blocks_attr}."
+        marker = f"{attr}{adapter_name}."
+        model_state = {k: v for k, v in model.state_dict().items() if marker in k}
+        missing = sorted(set(model_state) - set(remapped))
+        unexpected = sorted(k for k in remapped if attr in k and k not in model_state)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"The checkpoint does not fit this model's {cls.tuner_layer_cls.block_cls.__name__} adapter "
+                f"{adapter_name!r}: missing {_few(missing)}, unexpected {_few(unexpected)}. "
+                "Was it saved from a model of another architecture?"
+            )
+        wrong = [
+            f"{key.replace(marker, attr)}: checkpoint {tuple(remapped[key].shape)} vs model {tuple(model_state[key].shape)}"
+            for key in model_state
+            if remapped[key].shape != model_state[key].shape
+        ]
+        if wrong:
+            raise CheckpointError(
+                "The checkpoint was made for a model of another shape; "
+                f"{len(wrong)} weight(s) differ: " + "; ".join(wrong[:5])
+            )
+        return remapped
+
+
+def _few(keys: list[str], limit: int = 5) -> str:
+    if not keys:
+        return "none"
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
