@@ -29,6 +29,7 @@ class SinglePluginLayer(nn.Module, BaseTunerLayer):
         self.base_layer = base_layer
         self.add_module(self.blocks_attr, nn.ModuleDict())
         self.merged_adapters: list[str] = []
+        self._weights_before_merge: dict[str, torch.Tensor] = {}
         self._disable_adapters = False
         self._active_adapter = adapter_name
         host = self.get_base_layer()
@@ -92,27 +93,32 @@ class SinglePluginLayer(nn.Module, BaseTunerLayer):
     # -- merging -------------------------------------------------------------------------------
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Fold the blocks' deltas into the host's weight (and bias); see :meth:`unmerge`."""
+        """Fold the blocks' deltas into the host's weight (and bias).
+
+        The host's values before the first merge are kept until :meth:`unmerge`, which puts them back
+        exactly: merge-then-unmerge leaves no rounding error in the base model.
+        """
         host = self.get_base_layer()
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.blocks:
                 continue
-            block = self.blocks[name]
-            deltas = self._deltas(block, host)
+            deltas = self._deltas(self.blocks[name], host)
             if safe_merge:
                 for param_name, delta in deltas.items():
                     if not torch.isfinite(getattr(host, param_name).data + delta).all():
                         raise ValueError(f"NaNs or infs detected while merging adapter {name!r}; not merged.")
             for param_name, delta in deltas.items():
-                getattr(host, param_name).data += delta
+                data = getattr(host, param_name).data
+                self._weights_before_merge.setdefault(param_name, data.clone())
+                data += delta
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         host = self.get_base_layer()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            for param_name, delta in self._deltas(self.blocks[name], host).items():
-                getattr(host, param_name).data -= delta
+        for param_name, original in self._weights_before_merge.items():
+            getattr(host, param_name).data.copy_(original)
+        self._weights_before_merge.clear()
+        self.merged_adapters.clear()
 
     @staticmethod
     def _deltas(block: SinglePluginBlock, host: nn.Module) -> dict[str, torch.Tensor]:
