@@ -112,3 +112,25 @@ def test_hcp_bias_true_is_a_bias_on_the_lora_path(unet, unet_batch):
     model.merge_adapter()
     torch.testing.assert_close(unet_out(model, unet_batch), after, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("config_cls", [HcpLoraConfig, HcpLohaConfig])
+def test_diffusers_lora_compatible_layers_are_hosts(config_cls):
+    from diffusers.models.lora import LoRACompatibleConv, LoRACompatibleLinear
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 16, 5))
+    compatible = torch.nn.Sequential(LoRACompatibleConv(3, 8, 3, padding=1), torch.nn.Flatten(), LoRACompatibleLinear(8 * 16, 5))
+    compatible.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        base = plain(x)
+    outputs = []
+    for model in (plain, compatible):
+        torch.manual_seed(1)
+        adapted = get_peft_model(model, config_cls(target_modules=["0", "2"], init_weights=False))
+        assert len(adapted.base_model.targeted_module_names) == 2
+        with torch.no_grad():
+            outputs.append(adapted(x))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(outputs[0], base, atol=1e-4)
