@@ -262,3 +262,21 @@ def test_save_then_load_in_a_fresh_process(unet, unet_batch, tmp_path, config_cl
     outputs = load_file(tmp_path / "out.safetensors")
     assert torch.equal(outputs["out"], expected)
     torch.testing.assert_close(outputs["merged"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_modules_to_save_and_exclude_modules(unet, unet_batch, tmp_path):
+    config = HcpLoraConfig(target_modules=["re:.*attn1$"], exclude_modules=["re:.*to_v"], modules_to_save=["conv_out"], init_weights=False)
+    model = get_peft_model(unet, config)
+    hosts = model.base_model.targeted_module_names
+    assert hosts and not any(name.endswith("to_v") for name in hosts)
+    assert any(p.requires_grad for n, p in model.named_parameters() if "conv_out.modules_to_save" in n)
+    model.base_model.model.conv_out.modules_to_save["default"].weight.data.add_(0.5)
+    expected = unet_out(model, unet_batch)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_unet(), tmp_path)
+    assert torch.equal(unet_out(loaded, unet_batch), expected)
+
+
+def test_inference_mode_freezes_adapters(unet):
+    model = get_peft_model(unet, HcpLoraConfig(target_modules=TARGETS, inference_mode=True))
+    assert not any(p.requires_grad for p in model.parameters())
