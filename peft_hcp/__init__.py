@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from peft_hcp.adapters.loha import HcpLohaConfig, LohaBlock
 from peft_hcp.adapters.lora import HcpLoraConfig, LoraBlock
+from peft_hcp.adapters.prelu import HcpPReLUConfig, PReLUPatch
 from peft_hcp.errors import (
     CheckpointError,
     MergeNotSupportedError,
@@ -15,19 +16,30 @@ from peft_hcp.errors import (
     SelectorSyntaxError,
     UnsupportedLayerError,
 )
+from peft_hcp.patch.block import PatchPluginBlock
+from peft_hcp.patch.config import HcpPatchConfig
+from peft_hcp.patch.layer import PatchPluginContainer, ReplacePatchContainer
+from peft_hcp.patch.register import register_patch_plugin
 from peft_hcp.selectors import Selector, Target, parse_selector, parse_selectors, resolve
 from peft_hcp.single.block import SinglePluginBlock
 from peft_hcp.single.config import HcpSingleConfig
 from peft_hcp.single.register import register_single_plugin
+from peft_hcp.wrap import wrap_model
 
 __all__ = [
     "CheckpointError",
     "HcpLohaConfig",
     "HcpLoraConfig",
+    "HcpPReLUConfig",
+    "HcpPatchConfig",
     "HcpSingleConfig",
     "LohaBlock",
     "LoraBlock",
     "MergeNotSupportedError",
+    "PReLUPatch",
+    "PatchPluginBlock",
+    "PatchPluginContainer",
+    "ReplacePatchContainer",
     "Selector",
     "SelectorMatchError",
     "SelectorSyntaxError",
@@ -36,6 +48,8 @@ __all__ = [
     "UnsupportedLayerError",
     "parse_selector",
     "parse_selectors",
+    "register_patch_plugin",
     "register_single_plugin",
     "resolve",
+    "wrap_model",
 ]

@@ -7,6 +7,7 @@ from typing import Optional, Union
 
 from peft_hcp.config import HcpConfig
 from peft_hcp.selectors import parse_selectors
+from peft_hcp.wrap import check_exclude_key, normalize_exclude_classes
 
 
 @dataclass
@@ -15,7 +16,8 @@ class HcpSingleConfig(HcpConfig):
 
     ``target_modules`` takes the selector grammar of :mod:`peft_hcp.selectors` (``re:``, exact names,
     ``''`` for the whole model) as well as PEFT's forms (suffixes, one regex string, ``"all-linear"``).
-    A selected container attaches the plugin to every layer of its ``wrapable_classes`` inside it.
+    A selected container attaches the plugin to every layer of its ``wrapable_classes`` inside it,
+    minus ``exclude_key`` / ``exclude_classes`` subtrees (see :mod:`peft_hcp.wrap`).
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -24,6 +26,12 @@ class HcpSingleConfig(HcpConfig):
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Selectors of layers to leave alone, in the same grammar."}
+    )
+    exclude_key: Optional[str] = field(
+        default=None, metadata={"help": "Regex searched in layer names; a match skips the layer and its children."}
+    )
+    exclude_classes: Optional[list[str]] = field(
+        default=None, metadata={"help": "Class names (or qualified names) whose modules, children included, are skipped."}
     )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules besides the plugins to train and save in full (PEFT semantics)."}
@@ -37,6 +45,8 @@ class HcpSingleConfig(HcpConfig):
         super().__post_init__()
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = list(self.target_modules)
+        check_exclude_key(self.exclude_key)
+        self.exclude_classes = normalize_exclude_classes(self.exclude_classes)
         for selectors in (self.target_modules, self.exclude_modules):
             for selector in parse_selectors(selectors):  # fail at construction on a malformed selector
                 if selector.prehook:

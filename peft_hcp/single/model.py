@@ -21,19 +21,22 @@ from peft_hcp.selectors import parse_selectors, resolve, selectable_modules
 from peft_hcp.single.block import SinglePluginBlock
 from peft_hcp.single.config import HcpSingleConfig
 from peft_hcp.single.layer import SinglePluginLayer
+from peft_hcp.wrap import excluded_subtrees
 
 
 def find_hosts(model: nn.Module, config: HcpSingleConfig, block_cls: type[SinglePluginBlock]) -> list[str]:
     """Names of the layers a single plugin attaches to, in model order.
 
     A selected layer of one of ``block_cls.wrapable_classes`` is a host; a selected container
-    contributes every such layer inside it. Layers matched by ``exclude_modules`` are dropped.
+    contributes every such layer inside it. Layers matched by ``exclude_modules`` are dropped, and so
+    are the subtrees ``exclude_key`` / ``exclude_classes`` pick (see :mod:`peft_hcp.wrap`).
     """
     if config.target_modules is None:
         raise ValueError("Please specify `target_modules` in `peft_config` (use [''] for every wrapable layer).")
     modules = selectable_modules(model)
     selectors = parse_selectors(config.target_modules)
     excluded = {t.name for t in _resolve_optional(model, parse_selectors(config.exclude_modules), modules)}
+    excluded |= excluded_subtrees(modules, config.exclude_key, config.exclude_classes)
     hosts: dict[str, None] = {}
     for selector in selectors:
         chosen = {t.name for t in resolve(model, [selector], modules=modules)}
