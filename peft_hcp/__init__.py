@@ -9,12 +9,23 @@ __version__ = "0.1.0"
 from peft_hcp.adapters.loha import HcpLohaConfig, LohaBlock
 from peft_hcp.adapters.lora import HcpLoraConfig, LoraBlock
 from peft_hcp.adapters.prelu import HcpPReLUConfig, PReLUPatch
+from peft_hcp.adapters.controlnet import ControlNetPlugin, HcpControlNetConfig
+from peft_hcp.adapters.skip import HcpSkipConfig, SkipBlock
 from peft_hcp.errors import (
     CheckpointError,
     MergeNotSupportedError,
     SelectorMatchError,
     SelectorSyntaxError,
     UnsupportedLayerError,
+)
+from peft_hcp.hooked import (
+    HcpMultiPluginConfig,
+    HcpPluginConfig,
+    MultiPluginBlock,
+    PluginBlock,
+    feed,
+    register_multi_plugin,
+    register_plugin,
 )
 from peft_hcp.patch.block import PatchPluginBlock
 from peft_hcp.patch.config import HcpPatchConfig
@@ -27,6 +38,17 @@ from peft_hcp.single.register import register_single_plugin
 from peft_hcp.wrap import wrap_model
 
 __all__ = [
+    "ControlNetPlugin",
+    "HcpControlNetConfig",
+    "HcpMultiPluginConfig",
+    "HcpPluginConfig",
+    "HcpSkipConfig",
+    "MultiPluginBlock",
+    "PluginBlock",
+    "SkipBlock",
+    "feed",
+    "register_multi_plugin",
+    "register_plugin",
     "CheckpointError",
     "HcpLohaConfig",
     "HcpLoraConfig",

@@ -1,0 +1,133 @@
+"""Base classes of the cross-layer plugins: ``PluginBlock`` (from -> to) and ``MultiPluginBlock`` (many -> many).
+
+A cross-layer plugin does not replace any layer. Its blocks live in a container inside the model (see
+:mod:`peft_hcp.hooked.layer`) and see the host through forward hooks registered on the selected layers:
+
+*from*-layers are read: a plain selector runs the hook after the layer (its inputs and output are
+available), ``prehook:`` runs it before the layer (only its inputs are).
+*to*-layers are changed: a plain selector changes the layer's output, ``prehook:`` changes its inputs.
+
+What a block reads in a from-hook stays in :attr:`cache` until the next forward overwrites it. Keeping it,
+rather than popping it, is what makes activation checkpointing work: a recomputed to-layer reads the same
+value again.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from peft_hcp.selectors import Target
+
+
+class ActivationCache(dict):
+    """Activations captured during a forward. A deep copy of a model starts with an empty cache."""
+
+    def __deepcopy__(self, memo: dict) -> "ActivationCache":
+        return type(self)()
+
+    def __reduce__(self):  # pickling (e.g. for multiprocessing) drops activations too
+        return (type(self), ())
+
+
+class _HookedBlock(nn.Module):
+    """What both cross-layer kinds share: an activation cache and an adapter weight."""
+
+    supports_scaling: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache = ActivationCache()
+        self.scaling = 1.0
+        self.adapter_name = ""
+
+    def set_scale(self, scale: float) -> None:
+        """Weight this block's effect by ``scale`` (diffusers' ``set_adapters(names, weights)``)."""
+        if not self.supports_scaling and scale != 1.0:
+            raise ValueError(f"{type(self).__name__} does not support adapter weights other than 1.0.")
+        self.scaling = float(scale)
+
+
+class PluginBlock(_HookedBlock):
+    """A plugin that reads one *from*-layer and changes one *to*-layer (HCP-Diffusion's ``PluginBlock``).
+
+    Subclass it and write :meth:`forward`. The constructor gets the two resolved layers (``Target``:
+    ``name``, ``module``, ``prehook``) and the adapter config. Set ``from_output = True`` to receive the
+    from-layer's output instead of its inputs (not possible with a ``prehook:`` from-layer).
+    """
+
+    from_output: ClassVar[bool] = False
+
+    def __init__(self, from_layer: Target, to_layer: Target, config: Any) -> None:
+        super().__init__()
+        self.from_name = from_layer.name
+        self.to_name = to_layer.name
+        self.to_prehook = to_layer.prehook
+
+    def forward(self, fea_from: Any, fea_in: tuple, fea_out: Optional[Any]) -> Any:
+        """Return the to-layer's new output, or with a ``prehook:`` to-layer (``fea_out is None``) its new
+        positional inputs (a tuple, or one tensor that replaces the first input).
+
+        ``fea_from`` is the from-layer's positional inputs (a tuple), or its output with ``from_output``.
+        """
+        raise NotImplementedError
+
+    def from_layer_hook(self, args: tuple, kwargs: dict, output: Optional[Any]) -> None:
+        self.cache["from"] = output if self.from_output else args
+
+    def to_layer_hook(self, args: tuple, kwargs: dict, output: Optional[Any]) -> Any:
+        if "from" not in self.cache:
+            raise RuntimeError(
+                f"{type(self).__name__} (adapter {self.adapter_name!r}): the to-layer {self.to_name!r} ran before "
+                f"its from-layer {self.from_name!r} in this forward; pick a from-layer that runs earlier "
+                "(or read it with 'prehook:')."
+            )
+        if output is not None:
+            return self(self.cache["from"], args, output)
+        new_args = self(self.cache["from"], args, None)
+        if isinstance(new_args, torch.Tensor):
+            new_args = (new_args, *args[1:])
+        return tuple(new_args), kwargs
+
+
+class MultiPluginBlock(_HookedBlock):
+    """One plugin instance fed by several *from*-layers and writing into several *to*-layers.
+
+    ``from_layers`` / ``to_layers`` are the resolved layers in index order: the order of the selectors in
+    the config, a regex contributing all its matches in model order at its position. The hooks get that
+    index. ``input_keys`` names the extra inputs the plugin takes through :func:`peft_hcp.feed`; fed
+    values are in :attr:`inputs` during the call.
+    """
+
+    input_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, from_layers: list[Target], to_layers: list[Target], host: nn.Module, config: Any) -> None:
+        super().__init__()
+        self.from_names = [t.name for t in from_layers]
+        self.to_names = [t.name for t in to_layers]
+        self.inputs = ActivationCache()
+
+    @classmethod
+    def default_layers(cls, host: nn.Module) -> tuple[list[str], list[str]]:
+        """The ``(from_layers, to_layers)`` selectors used where the config leaves them ``None``."""
+        raise ValueError(f"{cls.__name__} has no default layers: set `from_layers` and `to_layers` in its config.")
+
+    def from_layer_hook(self, idx: int, args: tuple, kwargs: dict, output: Optional[Any]) -> None:
+        """Read from-layer ``idx``; ``output`` is ``None`` for a ``prehook:`` from-layer."""
+        raise NotImplementedError
+
+    def to_layer_hook(self, idx: int, args: tuple, kwargs: dict, output: Optional[Any]) -> Any:
+        """Change to-layer ``idx``: return its new output, or for a ``prehook:`` to-layer (``output is None``)
+        its new ``(args, kwargs)``; ``None`` leaves it unchanged."""
+        raise NotImplementedError
+
+    def require_input(self, key: str) -> Any:
+        """The fed input ``key``, or a clear error saying how to feed it."""
+        if key not in self.inputs:
+            raise ValueError(
+                f"{type(self).__name__} (adapter {self.adapter_name!r}) needs the input {key!r}: call the model "
+                f"inside `with peft_hcp.feed(model, {key}=...):`."
+            )
+        return self.inputs[key]
