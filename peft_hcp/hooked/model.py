@@ -11,15 +11,15 @@ from __future__ import annotations
 import copy
 from typing import Any, Optional
 
-import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _remove_adapter_name_from_state_dict_key
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from peft_hcp.errors import CheckpointError, MergeNotSupportedError
+from peft_hcp.adapter_keys import BlockKeysMixin
+from peft_hcp.errors import MergeNotSupportedError
 from peft_hcp.hooked.layer import HookedPluginLayer
 
 
-class HcpHookedModel(BaseTuner):
+class HcpHookedModel(BlockKeysMixin, BaseTuner):
     """Attaches one cross-layer plugin type; a subclass per type is made by registration."""
 
     prefix: str
@@ -106,47 +106,3 @@ class HcpHookedModel(BaseTuner):
             self._remove_container()
         if not self.active_adapters and self.peft_config:
             self.set_adapter(sorted(self.peft_config)[0])
-
-    @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        attr = f".{cls.tuner_layer_cls.blocks_attr}."
-        marker = f"{attr}{adapter_name}."
-        if marker in key:
-            return key.replace(marker, attr, 1)
-        return _remove_adapter_name_from_state_dict_key(key, adapter_name)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """PEFT's remapping, made strict: every plugin weight present, none unknown, every shape right."""
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        attr = f".{cls.tuner_layer_cls.blocks_attr}."
-        marker = f"{attr}{adapter_name}."
-        model_state = {k: v for k, v in model.state_dict().items() if marker in k}
-        missing = sorted(set(model_state) - set(remapped))
-        unexpected = sorted(k for k in remapped if attr in k and k not in model_state)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"The checkpoint does not fit this model's {cls.tuner_layer_cls.block_cls.__name__} adapter "
-                f"{adapter_name!r}: missing {_few(missing)}; unexpected {_few(unexpected)}. "
-                "Was it saved from a model of another architecture or with other from/to layers?"
-            )
-        wrong = [
-            f"{k}: checkpoint {tuple(remapped[k].shape)} vs model {tuple(v.shape)}"
-            for k, v in model_state.items()
-            if remapped[k].shape != v.shape
-        ]
-        if wrong:
-            raise CheckpointError(
-                f"The checkpoint was made for a model of another shape; {len(wrong)} weight(s) differ: "
-                + "; ".join(wrong[:5])
-            )
-        return remapped
-
-
-def _few(keys: list[str], limit: int = 5) -> str:
-    if not keys:
-        return "none"
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more

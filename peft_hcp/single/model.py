@@ -11,13 +11,13 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
-import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _remove_adapter_name_from_state_dict_key
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import _get_submodules
 from torch import nn
 
-from peft_hcp.errors import CheckpointError, UnsupportedLayerError
-from peft_hcp.selectors import parse_selectors, resolve, selectable_modules
+from peft_hcp.adapter_keys import BlockKeysMixin
+from peft_hcp.errors import UnsupportedLayerError
+from peft_hcp.selectors import parse_selectors, resolve, resolve_each, selectable_modules
 from peft_hcp.single.block import SinglePluginBlock
 from peft_hcp.single.config import HcpSingleConfig
 from peft_hcp.single.layer import SinglePluginLayer
@@ -37,24 +37,29 @@ def find_hosts(model: nn.Module, config: HcpSingleConfig, block_cls: type[Single
     selectors = parse_selectors(config.target_modules)
     excluded = {t.name for t in _resolve_optional(model, parse_selectors(config.exclude_modules), modules)}
     excluded |= excluded_subtrees(modules, config.exclude_key, config.exclude_classes)
-    hosts: dict[str, None] = {}
-    for selector in selectors:
-        chosen = {t.name for t in resolve(model, [selector], modules=modules)}
-        found = [
-            name
-            for name, module in modules
-            if _is_wrapable(module, block_cls) and name not in excluded and _under_any(name, chosen)
-        ]
-        if not found:
-            kinds = sorted({type(m).__name__ for n, m in modules if n in chosen})
+    chosen_by: dict[str, list[int]] = {}  # picked module name -> indices of the selectors that picked it
+    for index, targets in enumerate(resolve_each(model, selectors, modules=modules)):
+        for target in targets:
+            chosen_by.setdefault(target.name, []).append(index)
+    hosts: list[str] = []
+    fruitful: set[int] = set()  # selectors that gave at least one host
+    for name, module in modules:  # one pass; each host looks up its few ancestors
+        if name in excluded or not _is_wrapable(module, block_cls):
+            continue
+        pickers = [i for ancestor in _self_and_ancestors(name) for i in chosen_by.get(ancestor, ())]
+        if pickers:
+            hosts.append(name)
+            fruitful.update(pickers)
+    for index, selector in enumerate(selectors):
+        if index not in fruitful:
+            picked = {name for name, i in chosen_by.items() if index in i}
+            kinds = sorted({type(m).__name__ for n, m in modules if n in picked})
             raise UnsupportedLayerError(
                 f"Selector {selector.text!r} picked only layers of type {kinds} with no "
                 f"{'/'.join(c.__name__ for c in block_cls.wrapable_classes)} inside (after exclusions): "
                 f"{block_cls.__name__} cannot attach there."
             )
-        hosts.update(dict.fromkeys(found))
-    order = {name: i for i, (name, _) in enumerate(modules)}
-    return sorted(hosts, key=order.__getitem__)
+    return hosts
 
 
 def _resolve_optional(model, selectors, modules):
@@ -75,19 +80,16 @@ def _is_wrapable(module: nn.Module, block_cls: type[SinglePluginBlock]) -> bool:
     return isinstance(module, block_cls.wrapable_classes)
 
 
-def _under_any(name: str, roots: set[str]) -> bool:
-    """Whether ``name`` is one of ``roots`` or lies inside one of them (``''`` holds everything)."""
-    if "" in roots:
-        return True
-    while True:
-        if name in roots:
-            return True
-        name, dot, _ = name.rpartition(".")
-        if not dot:
-            return name in roots
+def _self_and_ancestors(name: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a.b.c", "a.b", "a", ""]`` (``''`` is the root, which holds everything)."""
+    names = [name]
+    while name:
+        name = name.rpartition(".")[0]
+        names.append(name)
+    return names
 
 
-class HcpSingleModel(BaseTuner):
+class HcpSingleModel(BlockKeysMixin, BaseTuner):
     """Attaches one single-layer plugin type; a subclass per type is made by registration."""
 
     prefix: str
@@ -154,47 +156,3 @@ class HcpSingleModel(BaseTuner):
         if not self.active_adapters and self.peft_config:
             # PEFT takes the new active adapter from the first layer it meets, which may hold none
             self.set_adapter(sorted(self.peft_config)[0])
-
-    @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        attr = f".{cls.tuner_layer_cls.blocks_attr}."
-        marker = f"{attr}{adapter_name}."
-        if marker in key:
-            return key.replace(marker, attr, 1)
-        return _remove_adapter_name_from_state_dict_key(key, adapter_name)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls, model: nn.Module, config: HcpSingleConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """PEFT's remapping, made strict: every plugin weight must be present, known and of the right shape."""
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        attr = f".{cls.tuner_layer_cls.blocks_attr}."
-        marker = f"{attr}{adapter_name}."
-        model_state = {k: v for k, v in model.state_dict().items() if marker in k}
-        missing = sorted(set(model_state) - set(remapped))
-        unexpected = sorted(k for k in remapped if attr in k and k not in model_state)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"The checkpoint does not fit this model's {cls.tuner_layer_cls.block_cls.__name__} adapter "
-                f"{adapter_name!r}: missing {_few(missing)}, unexpected {_few(unexpected)}. "
-                "Was it saved from a model of another architecture?"
-            )
-        wrong = [
-            f"{key.replace(marker, attr)}: checkpoint {tuple(remapped[key].shape)} vs model {tuple(model_state[key].shape)}"
-            for key in model_state
-            if remapped[key].shape != model_state[key].shape
-        ]
-        if wrong:
-            raise CheckpointError(
-                "The checkpoint was made for a model of another shape; "
-                f"{len(wrong)} weight(s) differ: " + "; ".join(wrong[:5])
-            )
-        return remapped
-
-
-def _few(keys: list[str], limit: int = 5) -> str:
-    if not keys:
-        return "none"
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
