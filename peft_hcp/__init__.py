@@ -27,6 +27,7 @@ from peft_hcp.hooked import (
     register_multi_plugin,
     register_plugin,
 )
+from peft_hcp.hub import load_adapter, push_adapter, save_adapter
 from peft_hcp.patch.block import PatchPluginBlock
 from peft_hcp.patch.config import HcpPatchConfig
 from peft_hcp.patch.layer import PatchPluginContainer, ReplacePatchContainer
@@ -38,6 +39,9 @@ from peft_hcp.single.register import register_single_plugin
 from peft_hcp.wrap import wrap_model
 
 __all__ = [
+    "load_adapter",
+    "push_adapter",
+    "save_adapter",
     "ControlNetPlugin",
     "HcpControlNetConfig",
     "HcpMultiPluginConfig",

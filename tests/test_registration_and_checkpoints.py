@@ -32,8 +32,9 @@ def _run(script: str, cwd=None) -> subprocess.CompletedProcess:
 def test_types_are_peft_enum_members_and_registration_is_idempotent():
     assert PeftType("HCP_LORA") is PeftType.HCP_LORA and PeftType.HCP_LORA.value == "HCP_LORA"
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.HCP_LORA] is HcpLoraConfig
-    importlib.reload(importlib.import_module("peft_hcp.adapters.lora"))  # a second import does not raise
-    assert PeftType.HCP_LORA in PEFT_TYPE_TO_CONFIG_MAPPING
+    model_cls = PEFT_TYPE_TO_TUNER_MAPPING[PeftType.HCP_LORA]
+    assert register_tuner("hcp_lora", HcpLoraConfig, model_cls) is PeftType.HCP_LORA  # again: no error
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.HCP_LORA] is HcpLoraConfig
 
 
 def test_a_taken_name_cannot_be_claimed_by_another_class():
@@ -109,7 +110,7 @@ def test_user_plugin_gets_config_save_and_load_for_free(tmp_path, unet_batch):
     (tmp_path / "my_plugin.py").write_text(PLUGIN_SOURCE)
     sys.path.insert(0, str(tmp_path))
     try:
-        my_plugin = importlib.import_module("my_plugin")
+        my_plugin = importlib.reload(importlib.import_module("my_plugin"))  # re-registering on reload is fine
     finally:
         sys.path.remove(str(tmp_path))
     model = get_peft_model(tiny_unet(), my_plugin.HcpGainConfig(target_modules=["re:.*attn1$"], start=0.25))

@@ -1,0 +1,104 @@
+"""``peft-hcp push | export | import``: the publishing functions of :mod:`peft_hcp.hub` on the command line.
+
+* ``push DIR REPO_ID`` uploads a saved adapter set (or PEFT adapter folder) with a model card.
+* ``export DIR --format kohya|diffusers --out PATH`` loads the set onto the base pipeline and writes its
+  LoRA/LoHa adapters as one kohya/webui file, or as a diffusers LoRA folder.
+* ``import FILE --out DIR`` reads a kohya/webui file onto the base pipeline and saves it as an adapter set.
+
+The base pipeline is ``--pretrained-model`` (a local diffusers folder), else the embedded tiny one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from peft_hcp.errors import CheckpointError
+
+
+def add_parser(subparsers) -> None:
+    push = subparsers.add_parser("push", help="upload an adapter set to the Hub with a model card")
+    push.add_argument("adapter", help="saved adapter set / PEFT adapter folder")
+    push.add_argument("repo_id")
+    push.add_argument("--token", default=None)
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", default=None)
+    push.add_argument("--base-model", default=None, help="Hub id of the base model, for the card")
+    push.add_argument("--license", default=None)
+    push.add_argument("--training", default=None, help="JSON object summarising the training, for the card")
+    push.add_argument("--sample-image", default=None, help="sample grid to show in the card")
+    push.set_defaults(func=_push)
+
+    export = subparsers.add_parser("export", help="write LoRA/LoHa adapters as a kohya file or diffusers LoRA")
+    export.add_argument("adapter", help="saved adapter set folder or Hub repo id")
+    export.add_argument("--format", choices=("kohya", "diffusers"), required=True)
+    export.add_argument("--out", required=True, help="kohya: a .safetensors file; diffusers: a folder")
+    export.add_argument("--pretrained-model", default=None)
+    export.set_defaults(func=_export)
+
+    imp = subparsers.add_parser("import", help="read a kohya/webui LoRA or LoHa file into an adapter set")
+    imp.add_argument("file", help="kohya/webui .safetensors file")
+    imp.add_argument("--out", required=True, help="folder for the adapter set")
+    imp.add_argument("--adapter-name", default="default")
+    imp.add_argument("--pretrained-model", default=None)
+    imp.set_defaults(func=_import)
+
+
+def _report(command: str, func) -> int:
+    try:
+        result = func()
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError) as exc:
+        print(f"peft-hcp {command}: error: {exc}", file=sys.stderr)
+        return 2
+    print(result)
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from peft_hcp.hub.push import push_folder
+
+    def run():
+        training = json.loads(args.training) if args.training else None
+        commit = push_folder(
+            args.adapter, args.repo_id, token=args.token, private=args.private or None, revision=args.revision,
+            base_model=args.base_model, license=args.license, training=training, sample_image=args.sample_image,
+        )
+        return commit.commit_url
+
+    return _report("push", run)
+
+
+def _pipeline(pretrained_model):
+    import peft_hcp  # noqa: F401  (registers the bundled plugin types)
+    from peft_hcp.train.embedded import load_pipeline
+
+    return load_pipeline(pretrained_model)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from peft_hcp.hub.adapter_set import load_adapter
+    from peft_hcp.hub.interchange import export_diffusers, export_kohya
+
+    def run():
+        pipe = _pipeline(args.pretrained_model)
+        load_adapter(pipe, args.adapter)
+        if args.format == "kohya":
+            export_kohya(pipe, args.out)
+            return args.out
+        return export_diffusers(pipe, args.out)
+
+    return _report("export", run)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from peft_hcp.hub.adapter_set import save_adapter
+    from peft_hcp.hub.interchange import import_kohya
+
+    def run():
+        pipe = _pipeline(args.pretrained_model)
+        import_kohya(pipe, args.file, adapter_name=args.adapter_name)
+        save_adapter(pipe, args.out, [args.adapter_name])
+        return args.out
+
+    return _report("import", run)

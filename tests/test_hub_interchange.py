@@ -1,0 +1,194 @@
+"""LoRA interchange: kohya/webui files both ways and diffusers' LoRA layout, checked against diffusers and PEFT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peft_hcp import CheckpointError, HcpLohaConfig, HcpLoraConfig
+from peft_hcp.hub import attach
+from peft_hcp.hub.interchange import export_diffusers, export_kohya, import_kohya, kohya_name_table
+from peft_hcp.models import sd15_unet, tiny_clip_text_model, tiny_unet, unet_inputs
+
+from .conftest import unet_out
+from .hub_pipeline import one_thread, pipe_out, tiny_pipeline  # noqa: F401 (autouse fixture)
+
+CONFIGS = {"lora": HcpLoraConfig, "loha": HcpLohaConfig}
+
+
+def _layers(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def test_kohya_names_tiny_unet_every_layer():
+    unet = tiny_unet()
+    table = kohya_name_table(unet, "lora_unet")
+    assert sorted(table.values()) == sorted(_layers(unet))  # every layer, each once: the map is injective
+    for name in ("down_blocks.1.resnets.0.time_emb_proj", "down_blocks.1.resnets.0.conv_shortcut",
+                 "time_embedding.linear_1", "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj"):
+        assert table["lora_unet_" + name.replace(".", "_")] == name
+    # the table survives adapters being attached (wrappers are looked through, plugin weights skipped)
+    attach(unet, HcpLoraConfig(target_modules=[""]), "a")
+    assert kohya_name_table(unet, "lora_unet") == table
+
+
+def test_kohya_names_sd15_layout():
+    with torch.device("meta"):  # names only: no 3.5 GB of weights
+        unet = sd15_unet()
+    table = kohya_name_table(unet, "lora_unet")
+    assert len(table) == len(_layers(unet)) == 282
+    known = [  # as they appear in SD1.5 LoRA files made by sd-scripts
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+        "lora_unet_down_blocks_0_attentions_1_transformer_blocks_0_attn2_to_out_0",
+        "lora_unet_mid_block_attentions_0_proj_in",
+        "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_ff_net_2",
+        "lora_unet_down_blocks_0_resnets_1_time_emb_proj",
+        "lora_unet_up_blocks_0_resnets_0_conv_shortcut",
+        "lora_unet_down_blocks_2_downsamplers_0_conv",
+        "lora_unet_up_blocks_2_upsamplers_0_conv",
+    ]
+    for key in known:
+        assert key in table, key
+    assert table["lora_unet_up_blocks_0_resnets_0_conv_shortcut"] == "up_blocks.0.resnets.0.conv_shortcut"
+
+
+def test_kohya_names_clip_text_encoder_keep_text_model():
+    table = kohya_name_table(tiny_clip_text_model(), "lora_te")
+    assert table["lora_te_text_model_encoder_layers_1_mlp_fc2"] == "encoder.layers.1.mlp.fc2"
+    assert table["lora_te_text_model_encoder_layers_0_self_attn_out_proj"] == "encoder.layers.0.self_attn.out_proj"
+
+
+def _adapted_pipeline(folder, kind, alpha=3.0):
+    pipe = tiny_pipeline(folder)
+    config = CONFIGS[kind]
+    attach(pipe.unet, config(target_modules=[""], init_weights=False, alpha=alpha), "a")
+    attach(pipe.text_encoder, config(target_modules=["re:.*(self_attn|mlp)$"], init_weights=False, alpha=alpha), "a")
+    return pipe
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha"])
+def test_kohya_round_trip(kind, tmp_path):
+    pipe = _adapted_pipeline(str(tmp_path), kind)
+    out = pipe_out(pipe)
+    tensors = export_kohya(pipe, str(tmp_path / "net.safetensors"))
+    unet_layers = len(_layers(tiny_unet()))
+    assert sum(k.startswith("lora_unet_") and k.endswith(".alpha") for k in tensors) == unet_layers
+    assert float(tensors["lora_unet_conv_in.alpha"]) == pytest.approx(3.0)  # kohya alpha == HCP alpha (auto scale)
+    fresh = tiny_pipeline(str(tmp_path))
+    import_kohya(fresh, str(tmp_path / "net.safetensors"), adapter_name="imported")
+    assert fresh.unet.peft_config["imported"].alpha == 3.0 and fresh.unet.peft_config["imported"].r == 4
+    torch.testing.assert_close(pipe_out(fresh), out, rtol=0, atol=0)
+    again = export_kohya(fresh, str(tmp_path / "again.safetensors"))
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+
+def test_stock_diffusers_loads_our_kohya_file(tmp_path):
+    """diffusers' own kohya converter is an independent check of every UNet and text-encoder name."""
+    pipe = _adapted_pipeline(str(tmp_path), "lora")
+    out = pipe_out(pipe)
+    export_kohya(pipe, str(tmp_path / "net.safetensors"))
+    stock = tiny_pipeline(str(tmp_path))
+    stock.load_lora_weights(str(tmp_path / "net.safetensors"))
+    torch.testing.assert_close(pipe_out(stock), out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha"])
+def test_diffusers_layout_export(kind, tmp_path):
+    pipe = _adapted_pipeline(str(tmp_path), kind)
+    out = pipe_out(pipe)
+    export_diffusers(pipe, str(tmp_path / "diffusers"))
+    stock = tiny_pipeline(str(tmp_path))
+    stock.load_lora_weights(str(tmp_path / "diffusers"))
+    assert (pipe_out(stock) - pipe_out(tiny_pipeline(str(tmp_path)))).abs().max() > 1e-3
+    torch.testing.assert_close(pipe_out(stock), out, rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_rank_and_alpha_import_matches_peft_lora(tmp_path):
+    """Per-layer ranks and alphas (padded / folded on import) give what PEFT's LoRA gives with patterns."""
+    gen = torch.Generator().manual_seed(1)
+    layers = {  # module: (rank, alpha)
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (2, 1.0),
+        "down_blocks.1.resnets.0.conv1": (4, 8.0),
+        "up_blocks.1.attentions.0.proj_out": (3, 3.0),
+    }
+    unet = tiny_unet()
+    tensors = {}
+    for name, (rank, alpha) in layers.items():
+        weight = unet.get_submodule(name).weight
+        down_shape = (rank, *weight.shape[1:])
+        up_shape = (weight.shape[0], rank, *([1, 1] if weight.dim() == 4 else []))
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors[f"{key}.lora_down.weight"] = torch.randn(down_shape, generator=gen)
+        tensors[f"{key}.lora_up.weight"] = torch.randn(up_shape, generator=gen)
+        tensors[f"{key}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(tmp_path / "mixed.safetensors"))
+    import_kohya(unet, str(tmp_path / "mixed.safetensors"))
+
+    reference = tiny_unet()
+    config = LoraConfig(
+        target_modules=list(layers), r=2, lora_alpha=1.0,
+        rank_pattern={n: r for n, (r, _) in layers.items()}, alpha_pattern={n: a for n, (_, a) in layers.items()},
+    )
+    inject_adapter_in_model(config, reference)
+    with torch.no_grad():
+        for name in layers:
+            key = "lora_unet_" + name.replace(".", "_")
+            layer = reference.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(tensors[f"{key}.lora_down.weight"])
+            layer.lora_B["default"].weight.copy_(tensors[f"{key}.lora_up.weight"])
+    batch = unet_inputs()
+    torch.testing.assert_close(unet_out(unet, batch), unet_out(reference, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_import_rejects_bad_files(tmp_path):
+    unet = tiny_unet()
+    good = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    base = {f"{good}.lora_down.weight": torch.zeros(2, 32), f"{good}.lora_up.weight": torch.zeros(32, 2)}
+
+    def attempt(tensors, match):
+        path = str(tmp_path / "bad.safetensors")
+        save_file(tensors, path)
+        with pytest.raises(CheckpointError, match=match):
+            import_kohya(unet, path)
+        assert not hasattr(unet, "peft_config")  # nothing was attached
+
+    attempt({**base, f"{good}.lora_mid.weight": torch.zeros(1)}, "unknown keys.*lora_mid")
+    attempt({**base, "lora_unet_no_such_layer.lora_down.weight": torch.zeros(2, 32),
+             "lora_unet_no_such_layer.lora_up.weight": torch.zeros(32, 2)}, "lora_unet_no_such_layer")
+    attempt({**base, f"{good}.lora_up.weight": torch.zeros(64, 2)}, r"Shape mismatch in layer .*attn1_to_q.*lora_up")
+    attempt({f"{good}.lora_down.weight": torch.zeros(2, 32)}, "incomplete.*lora_up")
+    pickle = tmp_path / "net.safetensors"
+    torch.save(base, pickle)  # a pickle under a safetensors name is not read
+    with pytest.raises(CheckpointError):
+        import_kohya(unet, str(pickle))
+
+
+def test_export_refuses_what_kohya_cannot_hold(tmp_path):
+    unet = tiny_unet()
+    attach(unet, HcpLoraConfig(target_modules=["re:.*attn1$"], lora_bias=True), "biased")
+    with pytest.raises(ValueError, match="no LoRA bias"):
+        export_kohya(unet, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="no LoRA or LoHa"):
+        export_kohya(tiny_unet(), str(tmp_path / "x.safetensors"))
+
+
+def test_cli_export_import_round_trip(tmp_path):
+    """``peft-hcp export --format kohya`` then ``peft-hcp import`` on the embedded pipeline."""
+    from peft_hcp.cli import main
+    from peft_hcp.hub import save_adapter
+    from peft_hcp.train.embedded import embedded_pipeline
+
+    pipe = embedded_pipeline()
+    attach(pipe.unet, HcpLoraConfig(target_modules=["re:.*attn.?$"], init_weights=False, alpha=2.0), "style")
+    save_adapter(pipe, str(tmp_path / "set"))
+    assert main(["export", str(tmp_path / "set"), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]) == 0
+    assert main(["export", str(tmp_path / "set"), "--format", "diffusers", "--out", str(tmp_path / "d")]) == 0
+    assert (tmp_path / "d" / "pytorch_lora_weights.safetensors").is_file()
+    assert main(["import", str(tmp_path / "k.safetensors"), "--out", str(tmp_path / "back"), "--adapter-name", "style"]) == 0
+    original = load_file(str(tmp_path / "set" / "unet" / "adapter_model.safetensors"))
+    back = load_file(str(tmp_path / "back" / "unet" / "adapter_model.safetensors"))
+    assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
+    assert main(["import", str(tmp_path / "set" / "adapter_set.json"), "--out", str(tmp_path / "x")]) == 2
