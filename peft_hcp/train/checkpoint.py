@@ -1,0 +1,129 @@
+"""Training checkpoints: adapter sets written to a temporary folder and renamed into place.
+
+Layout of ``<output_dir>/checkpoints/step-000020/``: the adapters as a peft-hcp adapter set
+(``peft_hcp.hub``: one PEFT adapter folder per plugin entry, e.g. ``unet/lora1/adapter_config.json`` +
+``adapter_model.safetensors``, plus ``adapter_set.json``), ``optimizer.safetensors`` (the optimizer's
+tensors) and ``train_state.json`` (step, optimizer scalars). The folder appears under its final name
+only when complete (``os.replace`` of ``.tmp-step-...``), so an interrupted run leaves the previous
+checkpoint intact and resuming never sees a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Optional
+
+import torch
+from peft import set_peft_model_state_dict
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peft_hcp.errors import CheckpointError
+from peft_hcp.hub import read_set, save_adapter
+
+STATE_NAME = "train_state.json"
+OPTIMIZER_NAME = "optimizer.safetensors"
+_STEP_DIR = re.compile(r"step-(\d+)")
+_PEFT_PREFIX = "base_model.model."
+
+
+def checkpoint_dir(output_dir: str, step: int) -> str:
+    return os.path.join(output_dir, "checkpoints", f"step-{step:06d}")
+
+
+def save_checkpoint(pipe, output_dir: str, step: int, optimizer: torch.optim.Optimizer, extra: dict) -> str:
+    """Write the checkpoint of ``step`` atomically; returns its folder."""
+    final = checkpoint_dir(output_dir, step)
+    tmp = os.path.join(os.path.dirname(final), ".tmp-" + os.path.basename(final))
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_adapter(pipe, tmp)
+    tensors, scalars = _flatten_optimizer(optimizer)
+    save_file(tensors, os.path.join(tmp, OPTIMIZER_NAME))
+    with open(os.path.join(tmp, STATE_NAME), "w", encoding="utf-8") as handle:
+        json.dump({"step": step, "optimizer": scalars, **extra}, handle, indent=2)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The complete checkpoint with the highest step in ``output_dir``, or ``None``."""
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    steps = [
+        (int(m.group(1)), name)
+        for name in os.listdir(root)
+        if (m := _STEP_DIR.fullmatch(name)) and os.path.isfile(os.path.join(root, name, STATE_NAME))
+    ]
+    return os.path.join(root, max(steps)[1]) if steps else None
+
+
+def read_state(folder: str) -> dict:
+    with open(os.path.join(folder, STATE_NAME), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def load_checkpoint(pipe, folder: str, optimizer: torch.optim.Optimizer) -> int:
+    """Load adapter weights (onto adapters already attached under the same names) and optimizer state.
+
+    Returns the step the checkpoint was taken at. The adapters of the checkpoint must be the ones the
+    config attaches: a missing or extra adapter, or a missing weight, is a ``CheckpointError``.
+    """
+    components = {name: getattr(pipe, name) for name in ("unet", "text_encoder")}
+    saved = read_set(folder)
+    wanted = {(c, n) for c, m in components.items() for n in (getattr(m, "peft_config", None) or {})}
+    found = {(e.component, e.name) for e in saved}
+    if found != wanted:
+        raise CheckpointError(
+            f"{folder} holds adapters {sorted(found)}, but the config attaches {sorted(wanted)}; "
+            "use a new output_dir (or resume=false) after changing the plugins."
+        )
+    for entry in saved:
+        _load_weights(components[entry.component], entry.name, os.path.join(folder, entry.subfolder))
+    state = read_state(folder)
+    _unflatten_optimizer(optimizer, load_file(os.path.join(folder, OPTIMIZER_NAME)), state["optimizer"])
+    return int(state["step"])
+
+
+def _load_weights(module: nn.Module, name: str, folder: str) -> None:
+    weights = load_file(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))
+    weights = {k[len(_PEFT_PREFIX) :] if k.startswith(_PEFT_PREFIX) else k: v for k, v in weights.items()}
+    result = set_peft_model_state_dict(module, weights, adapter_name=name)
+    missing = [k for k in result.missing_keys if f".{name}." in k or k.endswith(f".{name}")]
+    if result.unexpected_keys or missing:
+        raise CheckpointError(
+            f"{folder}: weights do not fit adapter {name!r} (unexpected {list(result.unexpected_keys)[:3]}, "
+            f"missing {missing[:3]})."
+        )
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {"param_groups": state["param_groups"], "state": {}}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().contiguous()
+            else:
+                scalars["state"].setdefault(str(index), {})[key] = value
+    return tensors, scalars
+
+
+def _unflatten_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, scalars: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = value
+    for index, values in scalars["state"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = scalars["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise CheckpointError("The checkpoint's optimizer does not match this run's plugins (parameter counts differ).")
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -1,0 +1,41 @@
+"""``peft-hcp train CONFIG [key=value ...]``: train the plugins of a config (see :mod:`peft_hcp.train`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from peft_hcp.errors import CheckpointError
+from peft_hcp.train.plugins import PluginConfigError
+from peft_hcp.train.settings import SettingsError
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train plugins from a config file",
+        description="Train the plugin_unet / plugin_TE plugins of CONFIG on a Stable Diffusion pipeline "
+        "(the embedded tiny one unless pretrained_model=PATH). Overrides are Hydra-style key=value.",
+    )
+    parser.add_argument("config", help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. steps=20 data=DIR")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import peft_hcp  # noqa: F401  (registers the bundled plugin types)
+    from peft_hcp.train.settings import load_settings
+    from peft_hcp.train.trainer import train
+
+    try:
+        result = train(load_settings(args.config, args.overrides))
+    except (SettingsError, PluginConfigError, CheckpointError, FileNotFoundError) as exc:
+        print(f"peft-hcp train: error: {exc}", file=sys.stderr)
+        return 2
+    if not result.main_process:
+        return 0
+    print(
+        f"eval loss {result.eval_loss_start:.4f} -> {result.eval_loss_end:.4f} "
+        f"({result.it_per_s:.2f} it/s); adapters: {result.checkpoint}; samples: {result.samples[-1]}"
+    )
+    return 0

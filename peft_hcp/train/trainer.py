@@ -1,0 +1,276 @@
+"""The training loop: noise-prediction loss on a Stable Diffusion pipeline, plugins only, via accelerate.
+
+Runs as is on one device and under ``accelerate launch --num_processes N`` (DDP): each process draws
+its own micro-batches, gradients are averaged by DDP, the main process writes checkpoints, samples and
+the log. Every random draw (batch indices, noise, timesteps) is a function of the seed, step and rank,
+so a resumed run continues exactly where the interrupted one would have gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from peft_hcp.hooked import feed
+from peft_hcp.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from peft_hcp.train.data import batch_indices, collate, make_dataset
+from peft_hcp.train.embedded import default_resolution, load_pipeline
+from peft_hcp.train.plugins import SECTIONS, PluginEntry, attach_plugins, parse_section
+from peft_hcp.train.sampling import needs_condition, sample_grid
+
+LOG_NAME = "train.log"
+
+
+@dataclass
+class TrainResult:
+    """What a run did, for callers and tests."""
+
+    output_dir: str
+    main_process: bool
+    start_step: int
+    end_step: int
+    checkpoint: Optional[str]
+    losses: list[float] = field(default_factory=list)
+    eval_loss_start: float = math.nan
+    eval_loss_end: float = math.nan
+    it_per_s: float = math.nan
+    samples: list[str] = field(default_factory=list)
+
+
+def _logger(output_dir: str, main: bool) -> logging.Logger:
+    logger = logging.getLogger(f"peft_hcp.train.{os.path.abspath(output_dir)}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    if main:
+        handler = logging.FileHandler(os.path.join(output_dir, LOG_NAME), encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def _has_accelerator_device() -> bool:
+    """Whether torch sees a GPU-like device. Without one, accelerate needs ``cpu=True`` to run a
+    multi-process launch as CPU DDP (gloo) instead of as N unrelated single processes."""
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
+
+
+class Batches:
+    """Tokenised micro-batches with their noise and timesteps, drawn deterministically per step."""
+
+    def __init__(self, pipe, dataset, settings: DictConfig, rank: int) -> None:
+        self.pipe, self.dataset, self.settings, self.rank = pipe, dataset, settings, rank
+
+    def tokens(self, captions: list[str]) -> torch.Tensor:
+        tokenizer = self.pipe.tokenizer
+        return tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+
+    def draw(self, step: int, micro: int) -> dict:
+        s = self.settings
+        indices = batch_indices(len(self.dataset), s.batch_size, step, micro, s.seed, self.rank)
+        batch = collate([self.dataset[i] for i in indices])
+        rng = np.random.default_rng([s.seed, step, micro, self.rank, 1])
+        if s.caption_dropout > 0:
+            batch["caption"] = ["" if rng.random() < s.caption_dropout else c for c in batch["caption"]]
+        batch["input_ids"] = self.tokens(batch["caption"])
+        batch["generator"] = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        return batch
+
+
+class Trainer:
+    """One training run described by ``settings`` (see :mod:`peft_hcp.train.settings`)."""
+
+    def __init__(self, settings: DictConfig, entries: Optional[list[PluginEntry]] = None) -> None:
+        """``entries`` replaces the config's plugin sections (e.g. entries built from PEFT's own configs)."""
+        self.settings = settings
+        if entries is None:
+            entries = [e for section in SECTIONS for e in parse_section(section, settings[section])]
+        self.accelerator = Accelerator(
+            mixed_precision=settings.mixed_precision,
+            gradient_accumulation_steps=settings.grad_accum,
+            cpu=not _has_accelerator_device(),
+        )
+        self.main = self.accelerator.is_main_process
+        self.output_dir = settings.output_dir
+        if self.main:
+            os.makedirs(self.output_dir, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        self.log = _logger(self.output_dir, self.main)
+        self.pipe = load_pipeline(settings.pretrained_model, settings.seed)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.resolution = settings.resolution or default_resolution(self.pipe)
+        self.dataset = make_dataset(settings.data, self.resolution, settings.data_size, settings.seed)
+        self.groups = attach_plugins({"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder}, entries)
+        self.entries = entries
+        self.train_te = any(e.component == "text_encoder" for e in entries)
+        self.conditioned = needs_condition(self.pipe)
+        self.pipe.to(self.accelerator.device)
+        self.pipe.vae.requires_grad_(False)
+        optimizer = torch.optim.AdamW(self.groups, weight_decay=settings.weight_decay)
+        models = [self.pipe.unet] + ([self.pipe.text_encoder] if self.train_te else [])
+        for model in models:
+            model.train()
+        prepared = self.accelerator.prepare(*models, optimizer)
+        self.unet = prepared[0]
+        self.text_encoder = prepared[1] if self.train_te else self.pipe.text_encoder
+        self.optimizer = prepared[-1]
+        self.batches = Batches(self.pipe, self.dataset, settings, self.accelerator.process_index)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def loss(self, batch: dict) -> torch.Tensor:
+        device = self.accelerator.device
+        pixels = batch["pixels"].to(device)
+        generator = batch["generator"]
+        with torch.no_grad():
+            latents = self.pipe.vae.encode(pixels).latent_dist.sample(generator)
+            latents = latents * self.pipe.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        scheduler = self.pipe.scheduler
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        timesteps = timesteps.to(device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        grad = torch.enable_grad() if self.train_te else torch.no_grad()
+        with self.accelerator.autocast():
+            with grad:
+                text = self.text_encoder(batch["input_ids"].to(device))[0]
+            feeding = feed(self.unet, cond=batch["cond"].to(device)) if self.conditioned else contextlib.nullcontext()
+            with feeding:
+                prediction = self.unet(noisy, timesteps, text).sample
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return F.mse_loss(prediction.float(), target.float())
+
+    @torch.no_grad()
+    def eval_loss(self) -> float:
+        """The loss on a fixed batch (fixed images, noise and timesteps): comparable across steps and runs."""
+        s = self.settings
+        batch = collate([self.dataset[i % len(self.dataset)] for i in range(s.batch_size)])
+        batch["input_ids"] = self.batches.tokens(batch["caption"])
+        batch["generator"] = torch.Generator().manual_seed(s.seed + 12345)
+        return self.loss(batch).item()
+
+    # -- the run ----------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        s = self.settings
+        start = 0
+        resume_from = latest_checkpoint(self.output_dir) if s.resume else None
+        if resume_from is not None:
+            start = load_checkpoint(self.pipe, resume_from, self.optimizer)
+            for group, entry in zip(self.optimizer.param_groups, self.entries):
+                group["lr"] = entry.lr  # the config's learning rate wins over the checkpoint's
+        result = TrainResult(self.output_dir, self.main, start, start, resume_from)
+        if self.main:
+            OmegaConf.save(s, os.path.join(self.output_dir, "config.yaml"))
+            self._describe(resume_from, start)
+        result.eval_loss_start = self.eval_loss()
+        self.log.info("eval loss at step %d: %.5f", start, result.eval_loss_start)
+        bar = tqdm(total=s.steps, initial=start, desc="train", disable=not self.main, dynamic_ncols=True)
+        ema, began = None, time.perf_counter()
+        for step in range(start + 1, s.steps + 1):
+            step_loss = 0.0
+            for micro in range(s.grad_accum):
+                with self.accelerator.accumulate(self.unet, *([self.text_encoder] if self.train_te else [])):
+                    loss = self.loss(self.batches.draw(step, micro))
+                    self.accelerator.backward(loss)
+                    if self.accelerator.sync_gradients and s.max_grad_norm:
+                        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                        self.accelerator.clip_grad_norm_(params, s.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.detach().item() / s.grad_accum
+            step_loss = self.accelerator.reduce(torch.tensor(step_loss, device=self.accelerator.device), "mean").item()
+            result.losses.append(step_loss)
+            ema = step_loss if ema is None else 0.9 * ema + 0.1 * step_loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", avg=f"{ema:.4f}")
+            rate = (step - start) / (time.perf_counter() - began)
+            if s.log_every and step % s.log_every == 0:
+                self.log.info("step %d/%d loss %.5f avg %.5f %.2f it/s", step, s.steps, step_loss, ema, rate)
+            if (s.save_every and step % s.save_every == 0) or step == s.steps:
+                result.checkpoint = self._save(step)
+            if s.sample_every and step % s.sample_every == 0 and step != s.steps:
+                result.samples.append(self._samples(step))
+        bar.close()
+        result.end_step = max(start, s.steps)
+        if result.end_step > start:
+            result.it_per_s = (result.end_step - start) / (time.perf_counter() - began)
+        result.eval_loss_end = self.eval_loss()
+        self.log.info(
+            "done: eval loss %.5f -> %.5f, %.2f it/s, adapters in %s",
+            result.eval_loss_start, result.eval_loss_end, result.it_per_s, result.checkpoint,
+        )
+        result.samples.append(self._samples(result.end_step))
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def _describe(self, resume_from: Optional[str], start: int) -> None:
+        world = self.accelerator.num_processes
+        self.log.info(
+            "run in %s: %s, %s, %d process(es), batch %d x accum %d, %d steps",
+            self.output_dir, self.settings.pretrained_model or "embedded tiny pipeline",
+            self.settings.data or f"generated shapes ({len(self.dataset)})", world,
+            self.settings.batch_size, self.settings.grad_accum, self.settings.steps,
+        )
+        for group in self.groups:
+            count = sum(p.numel() for p in group["params"])
+            self.log.info(
+                "plugin %s: lr %g, %d tensors, %d parameters", group["name"], group["lr"], len(group["params"]), count
+            )
+        if resume_from:
+            self.log.info("resumed from %s (step %d)", resume_from, start)
+
+    def _save(self, step: int) -> Optional[str]:
+        folder = None
+        if self.main:
+            extra = {"pretrained_model": self.settings.pretrained_model, "seed": self.settings.seed}
+            folder = save_checkpoint(self.pipe, self.output_dir, step, self.optimizer, extra)
+            self.log.info("saved checkpoint %s", folder)
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    def _samples(self, step: int) -> Optional[str]:
+        if not self.main:
+            return None
+        s = self.settings.sample
+        cond = None
+        if self.conditioned:
+            cond = torch.stack([self.dataset[i % len(self.dataset)]["cond"] for i in range(len(s.prompts))])
+            cond = cond.to(self.accelerator.device)
+        self.pipe.unet.eval()
+        self.pipe.text_encoder.eval()
+        image = sample_grid(
+            self.pipe, list(s.prompts), list(s.seeds), s.steps, s.guidance_scale, cond, self.resolution, f"step {step}"
+        )
+        self.pipe.unet.train()
+        self.pipe.text_encoder.train(self.train_te)
+        path = os.path.join(self.output_dir, "samples", f"step-{step:06d}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        image.save(path)
+        self.log.info("samples (adapter off | on) written to %s", path)
+        return path
+
+
+def train(settings: DictConfig) -> TrainResult:
+    return Trainer(settings).run()
