@@ -15,6 +15,40 @@ from peft_hcp.single.config import HcpSingleConfig
 from peft_hcp.single.register import register_single_plugin
 
 
+class _HadamardOfLowRanks(torch.autograd.Function):
+    """``(a1 @ b1) * (a2 @ b2) * ... * scale`` that saves only the small factors for backward.
+
+    Autograd would keep every full-size product ``ai @ bi`` alive until backward (one weight-sized
+    tensor per group and layer); recomputing them there keeps a LoHa's training memory at LoRA's level.
+    """
+
+    @staticmethod
+    def forward(ctx, scale: float, *factors: torch.Tensor) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.save_for_backward(*factors)
+        return _hadamard(factors) * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        factors = ctx.saved_tensors
+        grad = grad * ctx.scale
+        grads = []
+        for index in range(0, len(factors), 2):
+            others = factors[:index] + factors[index + 2 :]
+            outer = grad * _hadamard(others) if others else grad
+            a, b = factors[index], factors[index + 1]
+            grads += [outer @ b.T, a.T @ outer]
+        return (None, *grads)
+
+
+def _hadamard(factors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The elementwise product of ``factors[0] @ factors[1]``, ``factors[2] @ factors[3]``, ..."""
+    product = factors[0] @ factors[1]
+    for index in range(2, len(factors), 2):
+        product = product * (factors[index] @ factors[index + 1])
+    return product
+
+
 class LohaBlock(SinglePluginBlock):
     """The Hadamard product of ``rank_groups`` low-rank pairs ``hada_wN_a @ hada_wN_b``, added to the weight.
 
@@ -45,10 +79,10 @@ class LohaBlock(SinglePluginBlock):
         return host_param + self.get_delta_weight().reshape(host_param.shape).to(host_param.dtype)
 
     def get_delta_weight(self) -> torch.Tensor:
-        delta = self.hada_w1_a @ self.hada_w1_b
-        for index in range(2, self.rank_groups + 1):
-            delta = delta * (getattr(self, f"hada_w{index}_a") @ getattr(self, f"hada_w{index}_b"))
-        return delta * self.scaling
+        factors = []
+        for index in range(1, self.rank_groups + 1):
+            factors += [getattr(self, f"hada_w{index}_a"), getattr(self, f"hada_w{index}_b")]
+        return _HadamardOfLowRanks.apply(self.scaling, *factors)
 
 
 @register_single_plugin("hcp_loha", LohaBlock)

@@ -137,8 +137,26 @@ def resolve(
     """
     modules = selectable_modules(model) if modules is None else modules
     order = {name: index for index, (name, _) in enumerate(modules)}
-    by_name = dict(modules)
     picked: dict[tuple[str, bool], Target] = {}
+    for targets in resolve_each(model, selectors, modules=modules):
+        for target in targets:
+            picked.setdefault((target.name, target.prehook), target)
+    return sorted(picked.values(), key=lambda target: (order[target.name], target.prehook))
+
+
+def resolve_each(
+    model: nn.Module,
+    selectors: Iterable[Selector],
+    *,
+    modules: list[tuple[str, nn.Module]] | None = None,
+) -> list[list[Target]]:
+    """The targets of each selector separately, in model order; one that matches nothing raises.
+
+    The name index is built once, so many exact-name selectors cost one pass over the model.
+    """
+    modules = selectable_modules(model) if modules is None else modules
+    by_name = dict(modules)
+    result = []
     for selector in selectors:
         if not selector.is_regex and not selector.all_linear and selector.pattern in by_name:
             hits = [(selector.pattern, by_name[selector.pattern])]
@@ -146,9 +164,8 @@ def resolve(
             hits = [(name, module) for name, module in modules if selector.matches(name, module)]
         if not hits:
             raise SelectorMatchError(_no_match_message(model, selector, [name for name, _ in modules]))
-        for name, module in hits:
-            picked.setdefault((name, selector.prehook), Target(name, module, selector.prehook))
-    return sorted(picked.values(), key=lambda target: (order[target.name], target.prehook))
+        result.append([Target(name, module, selector.prehook) for name, module in hits])
+    return result
 
 
 def _no_match_message(model: nn.Module, selector: Selector, names: list[str]) -> str:

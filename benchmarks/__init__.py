@@ -1,0 +1,1 @@
+"""Benchmarks of peft-hcp against PEFT and plain PyTorch: ``python -m benchmarks.run --help``."""

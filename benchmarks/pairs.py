@@ -1,0 +1,278 @@
+"""The measured pairs. Each is a small function ``(workload) -> Pair``: peft-hcp against a reference.
+
+A pair whose peft-hcp module is not installed (a plugin kind still being written) raises
+:class:`Skip`, and the run lists it as skipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoHaConfig, LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from benchmarks.workload import TRAIN_TARGETS, Workload
+from peft_hcp import HcpLohaConfig, HcpLoraConfig
+
+RANK = 8
+
+
+class Skip(Exception):
+    """The pair cannot run here (a module is missing, no GPU ...); the message says why."""
+
+
+@dataclass
+class Pair:
+    """``hcp`` and ``ref`` are the timed calls; with ``fresh`` they make a new one-shot call each time.
+
+    ``reference`` names what ``ref`` is; ``info`` holds facts checked while building the pair.
+    """
+
+    reference: str
+    hcp: Callable[[], object]
+    ref: Callable[[], object]
+    fresh: bool = False
+    info: dict = field(default_factory=dict)
+
+    def maker(self, side: str) -> Callable[[], Callable[[], object]]:
+        """A factory of the call to time for ``side`` (``"hcp"`` or ``"ref"``)."""
+        call = getattr(self, side)
+        return call if self.fresh else (lambda: call)
+
+
+def _need(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise Skip(f"{module} is not available ({exc})") from exc
+
+
+def _adapted_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and not n.endswith("base_layer")]
+
+
+def _same_targets(hcp: nn.Module, ref: nn.Module) -> int:
+    ours, theirs = _adapted_names(hcp), _adapted_names(ref)
+    if ours != theirs:
+        raise AssertionError(f"the two sides adapt different layers: {len(ours)} vs {len(theirs)}")
+    return len(ours)
+
+
+def _trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _lora_pair(w: Workload, init_weights: bool, hcp_base: nn.Module) -> tuple[PeftModel, PeftModel]:
+    hcp = get_peft_model(
+        hcp_base, HcpLoraConfig(target_modules=["re:" + TRAIN_TARGETS], r=RANK, alpha=RANK, init_weights=init_weights)
+    )
+    ref = get_peft_model(
+        w.twin(), LoraConfig(target_modules=TRAIN_TARGETS, r=RANK, lora_alpha=RANK, init_lora_weights=init_weights)
+    )
+    return hcp, ref
+
+
+def _copy_lora_weights(src: PeftModel, dst: PeftModel) -> None:
+    """Give ``dst`` (HcpLora) the LoRA weights of ``src`` (PEFT LoRA), so both compute the same."""
+    theirs = dict(src.base_model.model.named_modules())
+    with torch.no_grad():
+        for name, layer in dst.base_model.model.named_modules():
+            if isinstance(layer, BaseTunerLayer) and name in theirs:
+                block = layer.blocks["default"]
+                block.lora_down.weight.copy_(theirs[name].lora_A["default"].weight)
+                block.lora_up.weight.copy_(theirs[name].lora_B["default"].weight)
+
+
+def train_lora(w: Workload) -> Pair:
+    hcp, ref = _lora_pair(w, init_weights=True, hcp_base=w.twin())
+    info = {"layers": _same_targets(hcp, ref), "trainable": [_trainable(hcp), _trainable(ref)]}
+    return Pair("PEFT LoraConfig", w.train(hcp), w.train(ref), info=info)
+
+
+def infer_unmerged(w: Workload) -> Pair:
+    hcp, ref = _lora_pair(w, init_weights=False, hcp_base=w.twin())
+    _copy_lora_weights(ref, hcp)
+    hcp_step, ref_step = w.infer(hcp), w.infer(ref)
+    info = {"layers": _same_targets(hcp, ref), "max_abs_diff": (hcp_step() - ref_step()).abs().max().item()}
+    return Pair("PEFT LoRA, unmerged", hcp_step, ref_step, info=info)
+
+
+def infer_merged(w: Workload) -> Pair:
+    """``merge_and_unload()``: what a user deploys; it must cost exactly what the base model costs."""
+    hcp = get_peft_model(w.copy(), HcpLoraConfig(target_modules=["re:" + TRAIN_TARGETS], r=RANK, init_weights=False))
+    unmerged = w.infer(hcp)()
+    merged = hcp.merge_and_unload()
+    step = w.infer(merged)
+    info = {"merged_vs_unmerged_max_abs_diff": (step() - unmerged).abs().max().item()}
+    return Pair("bare base model", step, w.infer(w.base), info=info)
+
+
+def infer_merged_in_place(w: Workload) -> Pair:
+    """``merge_adapter()``: merged weights behind the still-present tuner layers (PEFT's merged mode)."""
+    hcp = get_peft_model(w.copy(), HcpLoraConfig(target_modules=["re:" + TRAIN_TARGETS], r=RANK, init_weights=False))
+    hcp.merge_adapter()
+    return Pair("bare base model", w.infer(hcp), w.infer(w.base))
+
+
+def _loha_train(w: Workload) -> tuple[PeftModel, PeftModel]:
+    hcp = get_peft_model(w.twin(), HcpLohaConfig(target_modules=["re:" + TRAIN_TARGETS], r=RANK, alpha=RANK))
+    ref = get_peft_model(w.twin(), LoHaConfig(target_modules=TRAIN_TARGETS, r=RANK, alpha=RANK))
+    return hcp, ref
+
+
+def train_loha(w: Workload) -> Pair:
+    hcp, ref = _loha_train(w)
+    info = {"layers": _same_targets(hcp, ref), "trainable": [_trainable(hcp), _trainable(ref)]}
+    return Pair("PEFT LoHaConfig", w.train(hcp), w.train(ref), info=info)
+
+
+def infer_loha(w: Workload) -> Pair:
+    hcp, ref = _loha_train(w)
+    return Pair("PEFT LoHa, unmerged", w.infer(hcp), w.infer(ref), info={"layers": _same_targets(hcp, ref)})
+
+
+def attach(w: Workload) -> Pair:
+    """``get_peft_model`` on every Linear/Conv2d, both sides given the same explicit list of names."""
+    names = w.linear_and_conv_names()
+
+    def side(config_fn):
+        def make():
+            model = w.twin()
+            return lambda: get_peft_model(model, config_fn())
+
+        return make
+
+    return Pair(
+        "PEFT LoraConfig",
+        side(lambda: HcpLoraConfig(target_modules=names, r=RANK)),
+        side(lambda: LoraConfig(target_modules=names, r=RANK)),
+        fresh=True,
+        info={"layers": len(names)},
+    )
+
+
+def load(w: Workload) -> Pair:
+    """``PeftModel.from_pretrained`` of an adapter on every Linear/Conv2d (safetensors, from disk)."""
+    names = w.linear_and_conv_names()
+    root = tempfile.mkdtemp(prefix="peft-hcp-bench-")
+    for sub, config in (("hcp", HcpLoraConfig(target_modules=names, r=RANK)), ("ref", LoraConfig(target_modules=names, r=RANK))):
+        get_peft_model(w.twin(), config).save_pretrained(f"{root}/{sub}")
+
+    def side(sub):
+        def make():
+            model = w.twin()
+            return lambda: PeftModel.from_pretrained(model, f"{root}/{sub}")
+
+        return make
+
+    return Pair("PEFT LoRA from_pretrained", side("hcp"), side("ref"), fresh=True, info={"layers": len(names)})
+
+
+def _fed(model: nn.Module, forward: Callable[[], torch.Tensor], **inputs) -> Callable[[], torch.Tensor]:
+    feed = _need("peft_hcp.hooked").feed
+
+    def call() -> torch.Tensor:
+        with feed(model, **inputs):
+            return forward()
+
+    return call
+
+
+def train_controlnet(w: Workload) -> Pair:
+    """The ControlNet plugin against diffusers' ``ControlNetModel`` feeding the UNet's residual inputs."""
+    config_cls = _need("peft_hcp.adapters.controlnet").HcpControlNetConfig
+    from diffusers import ControlNetModel
+
+    sample, timestep, text = w.inputs
+    config = config_cls()
+    scale = 2 ** (len(config.conditioning_embedding_out_channels) - 1)
+    cond = torch.randn(w.batch, 3, w.resolution * scale, w.resolution * scale).to(sample)
+    hcp = get_peft_model(w.twin(), config)
+    unet = w.twin()
+    controlnet = ControlNetModel.from_unet(
+        w.base, conditioning_embedding_out_channels=tuple(config.conditioning_embedding_out_channels)
+    ).to(w.device, w.dtype)
+
+    def by_hand() -> torch.Tensor:
+        down, mid = controlnet(sample, timestep, text, controlnet_cond=cond, return_dict=False)
+        return unet(
+            sample, timestep, text, down_block_additional_residuals=down, mid_block_additional_residual=mid
+        ).sample
+
+    hcp_forward = _fed(hcp, lambda: hcp(sample, timestep, encoder_hidden_states=text).sample, cond=cond)
+    info = {"trainable": [_trainable(hcp), _trainable(controlnet)]}
+    return Pair("diffusers ControlNetModel", w.train(hcp, hcp_forward), w.train(controlnet, by_hand), info=info)
+
+
+class _HandSkips(nn.Module):
+    """The skip plugin written by hand: a 1x1 conv from each ``proj_in`` input to its ``proj_out`` input."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        blocks = [m for m in model.modules() if hasattr(m, "proj_in") and hasattr(m, "proj_out")]
+        self.convs = nn.ModuleList(nn.Conv2d(b.proj_in.in_channels, b.proj_out.in_channels, 1) for b in blocks)
+        for block, conv in zip(blocks, self.convs):
+            cache: dict = {}
+            block.proj_in.register_forward_pre_hook(lambda _, args, cache=cache: cache.update(x=args[0]))
+            block.proj_out.register_forward_pre_hook(
+                lambda _, args, cache=cache, conv=conv: (args[0] + conv(cache["x"]), *args[1:])
+            )
+
+
+def train_skip(w: Workload) -> Pair:
+    config_cls = _need("peft_hcp.adapters.skip").HcpSkipConfig
+    if not isinstance(w.base.down_blocks[0].attentions[0].proj_in, nn.Conv2d):
+        raise Skip("the hand-written skips assume convolutional proj_in / proj_out (SD1.5 layout)")
+    config = config_cls(from_layer=["re:.*proj_in"], to_layer=["prehook:re:.*proj_out"], init_weights=False)
+    hcp = get_peft_model(w.twin(), config)
+    ref = w.twin()
+    skips = _HandSkips(ref).to(w.device, w.dtype)
+    info = {"trainable": [_trainable(hcp), _trainable(skips)]}
+    sample, timestep, text = w.inputs
+    ref_forward = lambda: ref(sample, timestep, encoder_hidden_states=text).sample  # noqa: E731
+    return Pair("forward hooks by hand", w.train(hcp), w.train(skips, ref_forward), info=info)
+
+
+def train_prelu(w: Workload) -> Pair:
+    config_cls = _need("peft_hcp.adapters.prelu").HcpPReLUConfig
+    hcp = get_peft_model(w.twin(), config_cls(target_modules=["re:.*nonlinearity"]))
+    ref = w.twin()
+    for module in list(ref.modules()):
+        if isinstance(getattr(module, "nonlinearity", None), nn.SiLU):
+            module.nonlinearity = nn.PReLU(1, init=0.2).to(w.device, w.dtype)
+    info = {"trainable": [_trainable(hcp), _trainable(ref)]}
+    return Pair("SiLU replaced by nn.PReLU by hand", w.train(hcp), w.train(ref), info=info)
+
+
+def compile_lora(w: Workload) -> Pair:
+    """``torch.compile`` of a LoRA-adapted tiny UNet (compiling the SD1.5 one takes many minutes on CPU)."""
+    tiny = Workload(w.device, w.dtype, resolution=16, batch=w.batch, model="tiny")
+    hcp, ref = _lora_pair(tiny, init_weights=False, hcp_base=tiny.twin())
+    _copy_lora_weights(ref, hcp)
+    eager = tiny.infer(hcp)()
+    hcp_step = tiny.infer(torch.compile(hcp.get_base_model()))
+    ref_step = tiny.infer(torch.compile(ref.get_base_model()))
+    info = {"compiled_vs_eager_max_abs_diff": (hcp_step() - eager).abs().max().item(), "model": "tiny"}
+    ref_step()
+    return Pair("PEFT LoRA, both compiled", hcp_step, ref_step, info=info)
+
+
+PAIRS: dict[str, Callable[[Workload], Pair]] = {
+    "train_lora": train_lora,
+    "infer_unmerged": infer_unmerged,
+    "infer_merged": infer_merged,
+    "infer_merged_in_place": infer_merged_in_place,
+    "train_loha": train_loha,
+    "infer_loha": infer_loha,
+    "attach": attach,
+    "load": load,
+    "train_controlnet": train_controlnet,
+    "train_skip": train_skip,
+    "train_prelu": train_prelu,
+    "compile_lora": compile_lora,
+}
