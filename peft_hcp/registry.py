@@ -15,10 +15,14 @@ module named in the file: only types registered in this process can be built.
 
 from __future__ import annotations
 
+import sys
+from typing import Callable, TypeVar
+
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType, register_peft_method
 
 TYPE_PREFIX = "hcp_"
+ConfigT = TypeVar("ConfigT", bound=type)
 
 
 def peft_type_for(name: str) -> PeftType:
@@ -59,3 +63,57 @@ def register_tuner(name: str, config_cls: type, model_cls: type) -> PeftType:
 def _same_class(a: type, b: type) -> bool:
     """True for the same class, or the same class defined again by a module reload."""
     return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
+def plugin_type_decorator(
+    type_name: str,
+    block_cls: type,
+    *,
+    block_base: type,
+    config_base: type,
+    layer_base: type,
+    model_base: type,
+    layer_suffix: str = "Layer",
+) -> Callable[[ConfigT], ConfigT]:
+    """The class decorator behind every ``register_*_plugin``: bind a block class and a config class
+    into a PEFT type named ``type_name``.
+
+    It makes the type's tuner-layer class (``layer_base`` bound to ``block_cls``, blocks kept in a
+    ``ModuleDict`` named ``<type_name>_blocks``) and tuner class (``model_base`` with the type's prefix),
+    puts both in the block's module so pickle and multiprocessing can find them, and registers them.
+    """
+    if not (isinstance(block_cls, type) and issubclass(block_cls, block_base)):
+        raise TypeError(f"{block_cls!r} is not a {block_base.__name__} subclass.")
+    if hasattr(block_base, "wrapable_classes") and not block_cls.wrapable_classes:
+        raise TypeError(f"{block_cls.__name__}.wrapable_classes is empty: say which module types it attaches to.")
+
+    def decorate(config_cls: ConfigT) -> ConfigT:
+        if not issubclass(config_cls, config_base):
+            raise TypeError(f"{config_cls.__name__} must subclass {config_base.__name__}.")
+        blocks_attr = f"{type_name}_blocks"
+        layer_cls = _made_class(
+            block_cls,
+            layer_suffix,
+            layer_base,
+            block_cls=block_cls,
+            blocks_attr=blocks_attr,
+            adapter_layer_names=(blocks_attr,),
+        )
+        model_cls = _made_class(block_cls, "Model", model_base, prefix=type_name + "_", tuner_layer_cls=layer_cls)
+        config_cls.type_name = type_name
+        config_cls.plugin_cls = block_cls
+        register_tuner(type_name, config_cls, model_cls)
+        return config_cls
+
+    return decorate
+
+
+def _made_class(owner: type, suffix: str, base: type, **attributes) -> type:
+    """A subclass of ``base`` named after ``owner`` and placed in ``owner``'s module."""
+    made = type(
+        owner.__name__ + suffix,
+        (base,),
+        {**attributes, "__module__": owner.__module__, "__qualname__": owner.__qualname__ + suffix},
+    )
+    setattr(sys.modules[owner.__module__], made.__name__, made)
+    return made

@@ -96,7 +96,7 @@ def test_init_slope_is_p(unet):
 def test_only_patch_weights_train(unet, unet_batch):
     model = get_peft_model(unet, HcpPReLUConfig(target_modules=NONLIN))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert len(trainable) == N_NONLIN and all(".hcp_prelu_patches.default.act.weight" in n for n in trainable)
+    assert len(trainable) == N_NONLIN and all(".hcp_prelu_blocks.default.act.weight" in n for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     model(*unet_batch).sample.square().mean().backward()
@@ -170,7 +170,7 @@ def test_merge_is_refused_and_changes_nothing(unet, unet_batch):
 def test_wrong_target_class_is_a_clear_error(unet):
     with pytest.raises(UnsupportedLayerError, match=r"'conv_in'.*Conv2d.*SiLU"):
         get_peft_model(unet, HcpPReLUConfig(target_modules=["conv_in"]))
-    with pytest.raises(UnsupportedLayerError, match="patches only SiLU modules, not Linear"):
+    with pytest.raises(UnsupportedLayerError, match="PReLUPatch attaches to SiLU modules, not Linear"):
         PReLUPatchContainer(nn.Linear(2, 2), "default", HcpPReLUConfig(target_modules=NONLIN))
     with pytest.raises(ValueError, match="prehook"):
         HcpPReLUConfig(target_modules=["prehook:conv_act"])
@@ -193,7 +193,7 @@ def test_save_and_load_in_a_fresh_process(unet, unet_batch, tmp_path):
     model = get_peft_model(unet, HcpPReLUConfig(target_modules=NONLIN, init_weights=False))
     model.save_pretrained(tmp_path / "adapter")
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    assert len(saved) == N_NONLIN and all(".hcp_prelu_patches.act.weight" in k for k in saved)
+    assert len(saved) == N_NONLIN and all(".hcp_prelu_blocks.act.weight" in k for k in saved)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "HCP_PRELU" and config["target_modules"] == NONLIN
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -35,6 +35,7 @@ class PatchPluginBlock(nn.Module):
 
     def __init__(self, host: nn.Module, config) -> None:
         super().__init__()
+        self.base_scaling = 1.0
         self.scaling = 1.0
 
     def pre_forward(self, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
@@ -55,4 +56,4 @@ class PatchPluginBlock(nn.Module):
             if scale != 1.0:
                 raise ValueError(f"{type(self).__name__} does not support adapter weights other than 1.0.")
             return
-        self.scaling = scale
+        self.scaling = self.base_scaling * scale

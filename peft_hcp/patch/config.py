@@ -2,53 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import ClassVar
 
-from peft_hcp.config import HcpConfig
-from peft_hcp.selectors import parse_selectors
-from peft_hcp.wrap import check_exclude_key, normalize_exclude_classes
+from peft_hcp.single.config import HcpSingleConfig
 
 
 @dataclass
-class HcpPatchConfig(HcpConfig):
+class HcpPatchConfig(HcpSingleConfig):
     """Base config of a patch plugin; subclass it with the patch's own fields.
 
-    ``target_modules`` takes the selector grammar of :mod:`peft_hcp.selectors`; a selected container
-    (``''`` = the whole model) patches every module of the patch's ``wrapable_classes`` inside it, minus
-    ``exclude_modules`` (selectors), ``exclude_key`` and ``exclude_classes`` (see :mod:`peft_hcp.wrap`).
+    The layer fields are those of a single-layer plugin: ``target_modules`` takes the selector grammar
+    of :mod:`peft_hcp.selectors`, and a selected container (``''`` = the whole model) patches every
+    module of the patch's ``wrapable_classes`` inside it, minus ``exclude_modules`` (selectors),
+    ``exclude_key`` and ``exclude_classes`` (see :mod:`peft_hcp.wrap`).
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None,
-        metadata={"help": "Module selectors: 're:PATTERN' (full match), exact names, '' for the whole model."},
+    prehook_refusal: ClassVar[str] = (
+        "a patch replaces its module; use pre_forward() to act on its input. 'prehook:' applies to "
+        "cross-layer plugins only."
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Selectors of modules to leave alone, in the same grammar."}
-    )
-    exclude_key: Optional[str] = field(
-        default=None, metadata={"help": "Regex searched in module names; a match skips the module and its children."}
-    )
-    exclude_classes: Optional[list[str]] = field(
-        default=None, metadata={"help": "Class names (or qualified names) whose modules, children included, are skipped."}
-    )
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules besides the patches to train and save in full (PEFT semantics)."}
-    )
-    init_weights: bool = field(
-        default=True, metadata={"help": "True: the patch's documented init. False: random init, for tests."}
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = list(self.target_modules)
-        check_exclude_key(self.exclude_key)
-        self.exclude_classes = normalize_exclude_classes(self.exclude_classes)
-        for selectors in (self.target_modules, self.exclude_modules):
-            for selector in parse_selectors(selectors):
-                if selector.prehook:
-                    raise ValueError(
-                        f"Selector {selector.text!r}: a patch replaces its module; use pre_forward() to act on "
-                        "its input. 'prehook:' applies to cross-layer plugins only."
-                    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 from peft_hcp.config import HcpConfig
 from peft_hcp.selectors import parse_selectors
@@ -19,6 +19,11 @@ class HcpSingleConfig(HcpConfig):
     A selected container attaches the plugin to every layer of its ``wrapable_classes`` inside it,
     minus ``exclude_key`` / ``exclude_classes`` subtrees (see :mod:`peft_hcp.wrap`).
     """
+
+    prehook_refusal: ClassVar[str] = (
+        "a single-layer plugin acts on its host's output or parameters; 'prehook:' applies to cross-layer "
+        "plugins only."
+    )
 
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
@@ -50,7 +55,4 @@ class HcpSingleConfig(HcpConfig):
         for selectors in (self.target_modules, self.exclude_modules):
             for selector in parse_selectors(selectors):  # fail at construction on a malformed selector
                 if selector.prehook:
-                    raise ValueError(
-                        f"Selector {selector.text!r}: a single-layer plugin acts on its host's output or "
-                        "parameters; 'prehook:' applies to cross-layer plugins only."
-                    )
+                    raise ValueError(f"Selector {selector.text!r}: {self.prehook_refusal}")

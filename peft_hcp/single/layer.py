@@ -1,9 +1,7 @@
 """``SinglePluginLayer``: the PEFT tuner layer that wraps a host and runs its plugin blocks.
 
-The wrapper replaces the host in its parent (as PEFT's LoRA does), so a plugin costs no hook
-dispatch, state dicts and ``deepcopy`` see it, and ``unload`` puts the untouched host back.
-Each registered plugin type gets its own subclass (see :func:`make_layer_class`) whose blocks live in
-a ``ModuleDict`` named ``<type>_blocks``, keyed by adapter name.
+It replaces the host in its parent (see :mod:`peft_hcp.host_layer`); each registered plugin type
+gets its own subclass, made by registration.
 """
 
 from __future__ import annotations
@@ -15,30 +13,20 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from peft_hcp.host_layer import HostLayer
 from peft_hcp.single.block import SinglePluginBlock
 
 
-class SinglePluginLayer(nn.Module, BaseTunerLayer):
+class SinglePluginLayer(HostLayer):
     """Wraps ``base_layer``; runs the active adapters' blocks on its output or on its parameter."""
 
     block_cls: ClassVar[type[SinglePluginBlock]]
-    blocks_attr: ClassVar[str]
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.add_module(self.blocks_attr, nn.ModuleDict())
-        self.merged_adapters: list[str] = []
+        super().__init__(base_layer, adapter_name, config)
         self._weights_before_merge: dict[str, torch.Tensor] = {}
-        self._disable_adapters = False
-        self._active_adapter = adapter_name
-        host = self.get_base_layer()
-        for attr in ("in_features", "out_features", "in_channels", "out_channels", "kernel_size"):
-            if hasattr(host, attr):
-                setattr(self, attr, getattr(host, attr))
         hook_param = self.block_cls.hook_param
         self._param_path = ".".join(["base_layer"] * self._depth() + [hook_param]) if hook_param else None
-        self.update_layer(adapter_name, config)
 
     def _depth(self) -> int:
         """How many tuner layers sit between this one and the host (0 when it wraps the host)."""
@@ -46,15 +34,6 @@ class SinglePluginLayer(nn.Module, BaseTunerLayer):
         while isinstance(layer, BaseTunerLayer):
             depth, layer = depth + 1, layer.base_layer
         return depth
-
-    @property
-    def blocks(self) -> nn.ModuleDict:
-        return self._modules[self.blocks_attr]  # type: ignore[return-value]
-
-    def update_layer(self, adapter_name: str, config) -> None:
-        self.blocks[adapter_name] = self.block_cls(self.get_base_layer(), config)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters)
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         if self.disable_adapters:
@@ -131,44 +110,3 @@ class SinglePluginLayer(nn.Module, BaseTunerLayer):
                 raise ValueError(f"{type(block).__name__} has a bias but its host has none to merge it into.")
             deltas["bias"] = bias_delta.detach().to(host.bias.dtype)
         return deltas
-
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """PEFT's name for the weight change adapter ``adapter_name`` makes."""
-        return self.blocks[adapter_name].get_delta_weight()
-
-    # -- adapter weights (diffusers' set_adapters) ---------------------------------------------
-
-    def set_scale(self, adapter: str, scale: float) -> None:
-        if adapter in self.blocks:
-            self.blocks[adapter].set_scale(scale)
-
-    def scale_layer(self, scale: float) -> None:
-        for name in self.active_adapters:
-            if name in self.blocks:
-                block = self.blocks[name]
-                block.set_scale(block.scaling / block.base_scaling * scale)
-
-    def unscale_layer(self, scale: Optional[float] = None) -> None:
-        for name in self.active_adapters:
-            if name in self.blocks:
-                block = self.blocks[name]
-                block.set_scale(1.0 if scale is None else block.scaling / block.base_scaling / scale)
-
-    def __repr__(self) -> str:
-        return f"{self.block_cls.__name__}Layer({self.base_layer!r}, adapters={list(self.blocks)})"
-
-
-def make_layer_class(type_name: str, block_cls: type[SinglePluginBlock]) -> type[SinglePluginLayer]:
-    """The tuner-layer class of one plugin type: ``SinglePluginLayer`` bound to ``block_cls``."""
-    blocks_attr = f"{type_name}_blocks"
-    return type(
-        f"{block_cls.__name__}Layer",
-        (SinglePluginLayer,),
-        {
-            "block_cls": block_cls,
-            "blocks_attr": blocks_attr,
-            "adapter_layer_names": (blocks_attr,),
-            "__module__": block_cls.__module__,
-            "__qualname__": f"{block_cls.__qualname__}Layer",
-        },
-    )
