@@ -8,17 +8,18 @@ costs no hook dispatch, lets state dicts, device moves and ``deepcopy`` see the 
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from peft_hcp.adapter_weights import WeightedLayer
 from peft_hcp.errors import UnsupportedLayerError
 
 _HOST_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size")
 
 
-class HostLayer(nn.Module, BaseTunerLayer):
+class HostLayer(WeightedLayer, nn.Module, BaseTunerLayer):
     """Holds ``base_layer`` and the per-adapter blocks; subclasses write ``forward`` (and merging)."""
 
     block_cls: ClassVar[type[nn.Module]]
@@ -56,27 +57,6 @@ class HostLayer(nn.Module, BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str):
         """PEFT's name for the weight change adapter ``adapter_name`` makes (if it can say)."""
         return self.blocks[adapter_name].get_delta_weight()
-
-    # -- adapter weights: diffusers' set_adapters(names, weights) and a pipeline's LoRA scale ----
-
-    def set_scale(self, adapter: str, scale: float) -> None:
-        """An explicit per-adapter weight: a block that cannot scale refuses any weight but 1.0."""
-        if adapter in self.blocks:
-            self.blocks[adapter].set_scale(scale)
-
-    def scale_layer(self, scale: float) -> None:
-        """A LoRA scale given to a whole pipeline: it reaches the blocks that scale and skips the others."""
-        for block in self._active_blocks():
-            if block.supports_scaling:
-                block.set_scale(block.scaling / block.base_scaling * scale)
-
-    def unscale_layer(self, scale: Optional[float] = None) -> None:
-        for block in self._active_blocks():
-            if block.supports_scaling:
-                block.set_scale(1.0 if scale is None else block.scaling / block.base_scaling / scale)
-
-    def _active_blocks(self) -> list[nn.Module]:
-        return [self.blocks[name] for name in self.active_adapters if name in self.blocks]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base_layer!r}, adapters={list(self.blocks)})"

@@ -12,7 +12,7 @@ from torch import nn
 
 from peft_hcp import HcpLoraConfig, HcpSkipConfig, MergeNotSupportedError, SelectorMatchError
 from peft_hcp.hooked.block import PluginBlock
-from peft_hcp.models import tiny_unet, unet_inputs
+from peft_hcp.models import tiny_unet
 from tests.conftest import unet_out
 
 SKIP = dict(from_layer=["re:.*proj_in$"], to_layer=["prehook:re:.*proj_out$"])

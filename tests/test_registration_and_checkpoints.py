@@ -118,14 +118,14 @@ def test_user_plugin_gets_config_save_and_load_for_free(tmp_path, unet_batch):
     assert not torch.equal(expected, unet_out(tiny_unet(), unet_batch))
     model.save_pretrained(tmp_path / "adapter")
     result = _run(
-        f"""
+        """
         import torch, my_plugin
         from peft import PeftModel
         from safetensors.torch import save_file
         from peft_hcp.models import tiny_unet, unet_inputs
         model = PeftModel.from_pretrained(tiny_unet(), "adapter")
         with torch.no_grad():
-            save_file({{"out": model(*unet_inputs()).sample}}, "out.safetensors")
+            save_file({"out": model(*unet_inputs()).sample}, "out.safetensors")
         """,
         cwd=tmp_path,
     )

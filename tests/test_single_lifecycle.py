@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 from peft import PeftModel, get_peft_model, inject_adapter_in_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from peft_hcp import HcpLohaConfig, HcpLoraConfig, MergeNotSupportedError
 from peft_hcp.models import tiny_unet

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
+from peft_hcp.adapter_weights import WeightedBlock
 from peft_hcp.selectors import Target
 
 
@@ -32,7 +33,7 @@ class ActivationCache(dict):
         return (type(self), ())
 
 
-class _HookedBlock(nn.Module):
+class _HookedBlock(WeightedBlock, nn.Module):
     """What both cross-layer kinds share: an activation cache and an adapter weight."""
 
     supports_scaling: ClassVar[bool] = True
@@ -40,14 +41,7 @@ class _HookedBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.cache = ActivationCache()
-        self.scaling = 1.0
         self.adapter_name = ""
-
-    def set_scale(self, scale: float) -> None:
-        """Weight this block's effect by ``scale`` (diffusers' ``set_adapters(names, weights)``)."""
-        if not self.supports_scaling and scale != 1.0:
-            raise ValueError(f"{type(self).__name__} does not support adapter weights other than 1.0.")
-        self.scaling = float(scale)
 
 
 class PluginBlock(_HookedBlock):

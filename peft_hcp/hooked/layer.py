@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Optional
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from peft_hcp.adapter_weights import WeightedLayer
 from peft_hcp.errors import MergeNotSupportedError, SelectorMatchError
 from peft_hcp.hooked.block import MultiPluginBlock, PluginBlock, _HookedBlock
 from peft_hcp.selectors import Target, parse_selectors, resolve, selectable_modules
@@ -28,7 +29,7 @@ from peft_hcp.selectors import Target, parse_selectors, resolve, selectable_modu
 HookSpec = tuple[Target, str, int]  # (layer, "from" | "to", index)
 
 
-class HookedPluginLayer(nn.Module, BaseTunerLayer):
+class HookedPluginLayer(WeightedLayer, nn.Module, BaseTunerLayer):
     """Holds one plugin type's blocks for every adapter and the hooks that drive them."""
 
     block_cls: ClassVar[type[_HookedBlock]]
@@ -135,20 +136,6 @@ class HookedPluginLayer(nn.Module, BaseTunerLayer):
         if adapter_name not in self.blocks:
             return []
         return [m for m in self.blocks[adapter_name].modules() if isinstance(m, _HookedBlock)]
-
-    def set_scale(self, adapter: str, scale: float) -> None:
-        for block in self._blocks_of(adapter):
-            block.set_scale(scale)
-
-    def scale_layer(self, scale: float) -> None:
-        for name in self.active_adapters:
-            for block in self._blocks_of(name):
-                block.set_scale(block.scaling * scale)
-
-    def unscale_layer(self, scale: Optional[float] = None) -> None:
-        for name in self.active_adapters:
-            for block in self._blocks_of(name):
-                block.set_scale(1.0 if scale is None else block.scaling / scale)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(adapters={list(self.blocks)}, hooks={sum(map(len, self._hooks.values()))})"

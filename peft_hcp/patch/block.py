@@ -23,20 +23,18 @@ from typing import Any, ClassVar, Optional
 
 from torch import nn
 
+from peft_hcp.adapter_weights import WeightedBlock
 from peft_hcp.errors import MergeNotSupportedError
 
 
-class PatchPluginBlock(nn.Module):
+class PatchPluginBlock(WeightedBlock, nn.Module):
     """One adapter's patch of one module. Subclass it, set ``wrapable_classes``, override the two steps."""
 
     wrapable_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
     container_cls: ClassVar[Optional[type[nn.Module]]] = None  # None: PatchPluginContainer
-    supports_scaling: ClassVar[bool] = False
 
     def __init__(self, host: nn.Module, config) -> None:
         super().__init__()
-        self.base_scaling = 1.0
-        self.scaling = 1.0
 
     def pre_forward(self, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         return args, kwargs
@@ -49,11 +47,3 @@ class PatchPluginBlock(nn.Module):
             f"{type(self).__name__} cannot be merged: a patch changes how its module computes, which no "
             "weight of the original module can express. Keep it unmerged, or unload() it."
         )
-
-    def set_scale(self, scale: float) -> None:
-        """Weight this patch's effect by ``scale`` (patches that set ``supports_scaling`` only)."""
-        if not self.supports_scaling:
-            if scale != 1.0:
-                raise ValueError(f"{type(self).__name__} does not support adapter weights other than 1.0.")
-            return
-        self.scaling = self.base_scaling * scale

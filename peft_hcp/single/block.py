@@ -25,20 +25,18 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
+from peft_hcp.adapter_weights import WeightedBlock
 from peft_hcp.errors import MergeNotSupportedError
 
 
-class SinglePluginBlock(nn.Module):
+class SinglePluginBlock(WeightedBlock, nn.Module):
     """One adapter on one host layer. Subclass it, set ``wrapable_classes``, write ``forward``."""
 
     wrapable_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
     hook_param: ClassVar[Optional[str]] = None
-    supports_scaling: ClassVar[bool] = False
 
     def __init__(self, host: nn.Module, config) -> None:
         super().__init__()
-        self.base_scaling = 1.0
-        self.scaling = 1.0
 
     def get_delta_weight(self) -> torch.Tensor:
         """The change this block makes to the host's weight, independent of that weight's value."""
@@ -50,11 +48,3 @@ class SinglePluginBlock(nn.Module):
     def get_delta_bias(self) -> Optional[torch.Tensor]:
         """The change this block makes to the host's bias, or ``None``."""
         return None
-
-    def set_scale(self, scale: float) -> None:
-        """Weight this block's effect by ``scale`` relative to its trained strength."""
-        if not self.supports_scaling:
-            if scale != 1.0:
-                raise ValueError(f"{type(self).__name__} does not support adapter weights other than 1.0.")
-            return
-        self.scaling = self.base_scaling * scale
