@@ -24,7 +24,7 @@ from torch import nn
 from peft_hcp.adapter_weights import WeightedLayer
 from peft_hcp.errors import MergeNotSupportedError, SelectorMatchError
 from peft_hcp.hooked.block import MultiPluginBlock, PluginBlock, _HookedBlock
-from peft_hcp.selectors import Target, parse_selectors, resolve, selectable_modules
+from peft_hcp.selectors import Target, parse_selectors, resolve, resolve_each, selectable_modules
 
 HookSpec = tuple[Target, str, int]  # (layer, "from" | "to", index)
 
@@ -141,9 +141,9 @@ class HookedPluginLayer(WeightedLayer, nn.Module, BaseTunerLayer):
         return f"{type(self).__name__}(adapters={list(self.blocks)}, hooks={sum(map(len, self._hooks.values()))})"
 
 
-def _resolve_each(root: nn.Module, selectors: list[str], modules: list) -> list[Target]:
-    """Resolve selector by selector, keeping the list order (a regex contributes its matches in model order)."""
-    return [target for selector in parse_selectors(selectors) for target in resolve(root, [selector], modules=modules)]
+def _in_list_order(root: nn.Module, selectors: list[str], modules: list) -> list[Target]:
+    """The targets in the order of the selector list, a regex contributing its matches in model order."""
+    return [target for targets in resolve_each(root, parse_selectors(selectors), modules=modules) for target in targets]
 
 
 class PluginLayer(HookedPluginLayer):
@@ -191,8 +191,8 @@ class MultiPluginLayer(HookedPluginLayer):
             default_from, default_to = self.block_cls.default_layers(root)
             from_sel = default_from if from_sel is None else from_sel
             to_sel = default_to if to_sel is None else to_sel
-        sources = _resolve_each(root, from_sel, modules)
-        sinks = _resolve_each(root, to_sel, modules)
+        sources = _in_list_order(root, from_sel, modules)
+        sinks = _in_list_order(root, to_sel, modules)
         block = self.block_cls(sources, sinks, root, config)
         specs = [(t, "from", i) for i, t in enumerate(sources)] + [(t, "to", i) for i, t in enumerate(sinks)]
         return block, specs
