@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import peft_hcp  # noqa: F401  (registers the peft-hcp types with PEFT)
-from peft_hcp.models import tiny_clip_text_model, tiny_unet, unet_inputs
+from peft_hcp.embedded.models import tiny_clip_text_model, tiny_unet, unet_inputs
 
 
 @pytest.fixture

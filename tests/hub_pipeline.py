@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
-from peft_hcp.models import tiny_clip_text_model, tiny_unet
+from peft_hcp.embedded.models import tiny_clip_text_model, tiny_unet
 
 PROMPT = "a cat"
 

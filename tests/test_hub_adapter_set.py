@@ -13,7 +13,7 @@ from peft import PeftModel
 
 from peft_hcp import CheckpointError, HcpLohaConfig, HcpLoraConfig
 from peft_hcp.hub import attach, load_adapter, read_set, save_adapter
-from peft_hcp.models import tiny_clip_text_model, tiny_unet, unet_inputs
+from peft_hcp.embedded.models import tiny_clip_text_model, tiny_unet, unet_inputs
 
 from .conftest import unet_out
 from .hub_pipeline import one_thread, pipe_out, tiny_pipeline  # noqa: F401 (autouse fixture)

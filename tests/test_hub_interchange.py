@@ -11,7 +11,7 @@ from torch import nn
 from peft_hcp import CheckpointError, HcpLohaConfig, HcpLoraConfig
 from peft_hcp.hub import attach
 from peft_hcp.hub.interchange import export_diffusers, export_kohya, import_kohya, kohya_name_table
-from peft_hcp.models import sd15_unet, tiny_clip_text_model, tiny_unet, unet_inputs
+from peft_hcp.embedded.models import sd15_unet, tiny_clip_text_model, tiny_unet, unet_inputs
 
 from .conftest import unet_out
 from .hub_pipeline import one_thread, pipe_out, tiny_pipeline  # noqa: F401 (autouse fixture)
@@ -179,7 +179,7 @@ def test_cli_export_import_round_trip(tmp_path):
     """``peft-hcp export --format kohya`` then ``peft-hcp import`` on the embedded pipeline."""
     from peft_hcp.cli import main
     from peft_hcp.hub import save_adapter
-    from peft_hcp.train.embedded import embedded_pipeline
+    from peft_hcp.embedded.pipeline import embedded_pipeline
 
     pipe = embedded_pipeline()
     attach(pipe.unet, HcpLoraConfig(target_modules=["re:.*attn.?$"], init_weights=False, alpha=2.0), "style")

@@ -16,7 +16,7 @@ import torch
 import peft_hcp
 from peft_hcp import HcpControlNetConfig, HcpLoraConfig, HcpPReLUConfig
 from peft_hcp.hub import attach, load_adapter, read_set, save_adapter
-from peft_hcp.models import tiny_unet, unet_inputs
+from peft_hcp.embedded.models import tiny_unet, unet_inputs
 
 from .hub_pipeline import one_thread  # noqa: F401 (autouse fixture)
 
@@ -76,7 +76,7 @@ def test_three_kinds_train_together_and_round_trip(tmp_path):
     torch.save(want, tmp_path / "want.pt")
     script = (
         "import sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv[1]);"
-        "import peft_hcp; from peft_hcp.models import tiny_unet, unet_inputs;"
+        "import peft_hcp; from peft_hcp.embedded.models import tiny_unet, unet_inputs;"
         "from tests.test_hub_mixed_kinds import _out;"
         "unet = tiny_unet(); peft_hcp.load_adapter(unet, sys.argv[2] + '/set');"
         "torch.save(_out(unet), sys.argv[2] + '/got.pt')"

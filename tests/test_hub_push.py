@@ -16,7 +16,7 @@ from peft import PeftModel, get_peft_model
 import peft_hcp
 from peft_hcp import HcpLohaConfig, HcpLoraConfig
 from peft_hcp.hub import attach, load_adapter, push_adapter
-from peft_hcp.models import tiny_unet, unet_inputs
+from peft_hcp.embedded.models import tiny_unet, unet_inputs
 
 from .conftest import unet_out
 from .hub_pipeline import one_thread, pipe_out, tiny_pipeline  # noqa: F401 (autouse fixture)

@@ -13,7 +13,7 @@ from torch import nn
 
 import peft_hcp
 from peft_hcp import HcpControlNetConfig, HcpLoraConfig, MergeNotSupportedError, SelectorMatchError, UnsupportedLayerError
-from peft_hcp.models import tiny_unet, unet_inputs
+from peft_hcp.embedded.models import tiny_unet, unet_inputs
 from tests.conftest import unet_out
 
 HEAD = [8, 16]  # a small condition head: the image is twice the latent size
@@ -161,7 +161,7 @@ def test_save_load_in_a_fresh_process_and_under_another_name(unet, unet_batch, t
         f"""
         import torch, peft_hcp
         from peft import PeftModel
-        from peft_hcp.models import tiny_unet, unet_inputs
+        from peft_hcp.embedded.models import tiny_unet, unet_inputs
         from tests.test_multi_plugin import cond_image
         model = PeftModel.from_pretrained(tiny_unet(), {str(tmp_path / "cn")!r})
         with peft_hcp.feed(model, cond=cond_image()), torch.no_grad():
@@ -187,7 +187,7 @@ def test_reload_restores_the_trained_copy_exactly(unet, unet_batch, tmp_path):
         f"""
         import torch, peft_hcp
         from peft import PeftModel
-        from peft_hcp.models import tiny_unet, unet_inputs
+        from peft_hcp.embedded.models import tiny_unet, unet_inputs
         from tests.test_multi_plugin import cond_image
         model = PeftModel.from_pretrained(tiny_unet(), {str(tmp_path / "cn")!r})
         with peft_hcp.feed(model, cond=cond_image()), torch.no_grad():

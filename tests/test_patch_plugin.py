@@ -182,7 +182,7 @@ _LOAD_SCRIPT = """
 import sys, torch, peft_hcp
 from peft import PeftModel
 from safetensors.torch import save_file
-from peft_hcp.models import tiny_unet, unet_inputs
+from peft_hcp.embedded.models import tiny_unet, unet_inputs
 model = PeftModel.from_pretrained(tiny_unet(), sys.argv[1])
 with torch.no_grad():
     save_file({"out": model(*unet_inputs()).sample}, sys.argv[2])
@@ -205,7 +205,7 @@ def test_save_and_load_in_a_fresh_process(unet, unet_batch, tmp_path):
 
 
 def test_load_under_a_second_name_goes_to_that_name(unet, tmp_path):
-    from peft_hcp.models import tiny_unet
+    from peft_hcp.embedded.models import tiny_unet
 
     trained = get_peft_model(unet, HcpPReLUConfig(target_modules=NONLIN, init_weights=False))
     trained.save_pretrained(tmp_path)
@@ -233,7 +233,7 @@ def test_deepcopy_is_independent(unet, unet_batch):
 
 
 def _patch_grads(checkpointing, batch):
-    from peft_hcp.models import tiny_unet
+    from peft_hcp.embedded.models import tiny_unet
 
     unet = tiny_unet()
     if checkpointing:

@@ -12,7 +12,7 @@ from torch import nn
 
 from peft_hcp import HcpLoraConfig, HcpSkipConfig, MergeNotSupportedError, SelectorMatchError
 from peft_hcp.hooked.block import PluginBlock
-from peft_hcp.models import tiny_unet
+from peft_hcp.embedded.models import tiny_unet
 from tests.conftest import unet_out
 
 SKIP = dict(from_layer=["re:.*proj_in$"], to_layer=["prehook:re:.*proj_out$"])
@@ -146,7 +146,7 @@ def test_save_load_in_a_fresh_process_and_under_another_name(unet, unet_batch, t
         f"""
         import torch, peft_hcp
         from peft import PeftModel
-        from peft_hcp.models import tiny_unet, unet_inputs
+        from peft_hcp.embedded.models import tiny_unet, unet_inputs
         model = PeftModel.from_pretrained(tiny_unet(), {str(tmp_path / "skip")!r})
         with torch.no_grad():
             out = model(*unet_inputs()).sample

@@ -16,7 +16,7 @@ from peft.utils import PeftType
 
 import peft_hcp
 from peft_hcp import CheckpointError, HcpLoraConfig, HcpSingleConfig
-from peft_hcp.models import tiny_unet
+from peft_hcp.embedded.models import tiny_unet
 from peft_hcp.registry import register_tuner
 from tests.conftest import unet_out
 
@@ -122,7 +122,7 @@ def test_user_plugin_gets_config_save_and_load_for_free(tmp_path, unet_batch):
         import torch, my_plugin
         from peft import PeftModel
         from safetensors.torch import save_file
-        from peft_hcp.models import tiny_unet, unet_inputs
+        from peft_hcp.embedded.models import tiny_unet, unet_inputs
         model = PeftModel.from_pretrained(tiny_unet(), "adapter")
         with torch.no_grad():
             save_file({"out": model(*unet_inputs()).sample}, "out.safetensors")

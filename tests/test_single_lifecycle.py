@@ -11,7 +11,7 @@ from peft import PeftModel, get_peft_model, inject_adapter_in_model
 from safetensors.torch import load_file
 
 from peft_hcp import HcpLohaConfig, HcpLoraConfig, MergeNotSupportedError
-from peft_hcp.models import tiny_unet
+from peft_hcp.embedded.models import tiny_unet
 from tests.conftest import unet_out
 
 TARGETS = ["re:.*attn.?$", "re:.*ff$"]
@@ -216,7 +216,7 @@ def test_text_encoder_lora(text_encoder, token_ids, tmp_path):
         adapted = model(input_ids=token_ids).last_hidden_state
     assert not torch.allclose(adapted, base, atol=1e-4)
     model.save_pretrained(tmp_path)
-    from peft_hcp.models import tiny_clip_text_model
+    from peft_hcp.embedded.models import tiny_clip_text_model
 
     loaded = PeftModel.from_pretrained(tiny_clip_text_model(), tmp_path)
     with torch.no_grad():
@@ -251,7 +251,7 @@ def test_save_then_load_in_a_fresh_process(unet, unet_batch, tmp_path, config_cl
         import torch, peft_hcp
         from peft import PeftModel
         from safetensors.torch import save_file
-        from peft_hcp.models import tiny_unet, unet_inputs
+        from peft_hcp.embedded.models import tiny_unet, unet_inputs
         model = PeftModel.from_pretrained(tiny_unet(), {str(tmp_path / "adapter")!r})
         with torch.no_grad():
             out = model(*unet_inputs()).sample

@@ -19,7 +19,7 @@ import peft_hcp
 from peft_hcp.cli import main
 from peft_hcp.errors import CheckpointError, SelectorMatchError
 from peft_hcp.hub import load_adapter
-from peft_hcp.models import tiny_clip_text_model, tiny_unet, unet_inputs
+from peft_hcp.embedded.models import tiny_clip_text_model, tiny_unet, unet_inputs
 from peft_hcp.train import (
     PluginConfigError,
     SettingsError,

@@ -71,7 +71,7 @@ def _push(args: argparse.Namespace) -> int:
 
 def _pipeline(pretrained_model):
     import peft_hcp  # noqa: F401  (registers the bundled plugin types)
-    from peft_hcp.train.embedded import load_pipeline
+    from peft_hcp.embedded.pipeline import load_pipeline
 
     return load_pipeline(pretrained_model)
 

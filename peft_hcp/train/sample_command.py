@@ -77,7 +77,7 @@ def sample(adapter: str, settings: dict) -> list[str]:
     from peft_hcp.hub import load_adapter
     from peft_hcp.train.checkpoint import STATE_NAME
     from peft_hcp.train.data import to_tensor
-    from peft_hcp.train.embedded import default_resolution, load_pipeline
+    from peft_hcp.embedded.pipeline import default_resolution, load_pipeline
     from peft_hcp.train.sampling import adapters_enabled, grid, needs_condition, render
 
     if not os.path.isdir(adapter):

@@ -1,8 +1,8 @@
 """The pipeline a run trains: the embedded tiny default, or a local diffusers Stable Diffusion folder.
 
 The embedded default is a Stable-Diffusion-shaped pipeline built from small configs with fixed seeds
-(tiny UNet and CLIP text encoder from :mod:`peft_hcp.models`, the CLIP BPE tokenizer shipped in
-``peft_hcp/assets/tokenizer``, a two-level ``AutoencoderKL``, a DDPM scheduler). Its random weights are
+(tiny UNet and CLIP text encoder from :mod:`peft_hcp.embedded.models`, the CLIP BPE tokenizer shipped in
+``peft_hcp/embedded/assets/tokenizer``, a two-level ``AutoencoderKL``, a DDPM scheduler). Its random weights are
 the same in every process, so an adapter trained on it loads onto a rebuilt one.
 """
 
@@ -12,34 +12,14 @@ import os
 from importlib import resources
 from typing import Optional
 
-import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from peft_hcp.models import tiny_clip_text_model, tiny_unet
-
-#: Image size of the embedded default: the tiny VAE halves it to the tiny UNet's 16x16 latents.
-EMBEDDED_RESOLUTION = 32
-
+from peft_hcp.embedded.models import EMBEDDED_RESOLUTION, tiny_clip_text_model, tiny_unet, tiny_vae
 
 def tokenizer_path() -> str:
     """Folder of the tiny CLIP tokenizer (vocab.json, merges.txt) that ships with the package."""
-    return str(resources.files("peft_hcp") / "assets" / "tokenizer")
-
-
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    """A two-level ``AutoencoderKL`` (factor 2, 4 latent channels) matching :func:`tiny_unet`."""
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=EMBEDDED_RESOLUTION,
-    ).eval()
+    return str(resources.files("peft_hcp.embedded") / "assets" / "tokenizer")
 
 
 def embedded_pipeline(seed: int = 0) -> StableDiffusionPipeline:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 TINY_CROSS_DIM = 32
+#: Image size of the embedded default: the tiny VAE halves it to the tiny UNet's 16x16 latents.
+EMBEDDED_RESOLUTION = 32
 
 
 def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
@@ -53,6 +55,21 @@ def tiny_clip_text_model(seed: int = 0) -> CLIPTextModel:
         pad_token_id=1,
     )
     return CLIPTextModel(config).eval()
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    """A two-level ``AutoencoderKL`` (factor 2, 4 latent channels) matching :func:`tiny_unet`."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=EMBEDDED_RESOLUTION,
+    ).eval()
 
 
 def unet_inputs(batch: int = 2, size: int = 16, seed: int = 0, cross_dim: int = TINY_CROSS_DIM):
