@@ -34,9 +34,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_hcp.errors import SelectorMatchError, UnsupportedLayerError
-from peft_hcp.hooked.block import MultiPluginBlock
-from peft_hcp.hooked.config import HcpMultiPluginConfig
-from peft_hcp.hooked.register import register_multi_plugin
+from peft_hcp.hooked import (
+    HcpHookedModel,
+    HcpMultiPluginConfig,
+    MultiPluginBlock,
+    MultiPluginLayer,
+)
+from peft_hcp.registry import register_type
 from peft_hcp.selectors import Target
 
 _HOOK_DICTS = (
@@ -216,7 +220,15 @@ class ControlNetPlugin(MultiPluginBlock):
         return args, {**kwargs, "input_tensor": x}
 
 
-@register_multi_plugin("hcp_controlnet", ControlNetPlugin)
+class HcpControlNetContainer(MultiPluginLayer, type_name="hcp_controlnet", block_cls=ControlNetPlugin):
+    """The container of ``hcp_controlnet`` (``model.hcp_controlnet``): one ControlNet copy per adapter."""
+
+
+class HcpControlNetModel(HcpHookedModel, layer_cls=HcpControlNetContainer):
+    """The PEFT tuner of ``hcp_controlnet``."""
+
+
+@register_type(HcpControlNetModel)
 @dataclass
 class HcpControlNetConfig(HcpMultiPluginConfig):
     """A ControlNet on a diffusers UNet (see :class:`ControlNetPlugin`); default layers fit any UNet layout."""

@@ -9,10 +9,15 @@ from typing import Union
 import torch
 from torch import nn
 
-from peft_hcp.adapters.lowrank import check_rank, host_shape, resolve_rank, scaling
-from peft_hcp.single.block import SinglePluginBlock
-from peft_hcp.single.config import HcpSingleConfig
-from peft_hcp.single.register import register_single_plugin
+from peft_hcp.registry import register_type
+from peft_hcp.single import HcpSingleConfig, HcpSingleModel, SinglePluginLayer
+from peft_hcp.single.lowrank import (
+    LowRankBlock,
+    check_rank,
+    host_shape,
+    resolve_rank,
+    scaling,
+)
 
 
 class _HadamardOfLowRanks(torch.autograd.Function):
@@ -49,16 +54,17 @@ def _hadamard(factors: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return product
 
 
-class LohaBlock(SinglePluginBlock):
+class LohaBlock(LowRankBlock):
     """The Hadamard product of ``rank_groups`` low-rank pairs ``hada_wN_a @ hada_wN_b``, added to the weight.
 
     Weights are named as LyCORIS/kohya name them (``hada_w1_a`` ...). The host computes with the new
     weight in one pass, instead of a second matmul on the activations.
     """
 
-    wrapable_classes = (nn.Linear, nn.Conv2d)
     hook_param = "weight"
-    supports_scaling = True
+    kohya_weights = kohya_required = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    rank_dims = {"hada_w1_a": 1, "hada_w1_b": 0, "hada_w2_a": 1, "hada_w2_b": 0}
+    scale_weight = "hada_w1_a"
 
     def __init__(self, host: nn.Module, config: "HcpLohaConfig") -> None:
         super().__init__(host, config)
@@ -85,7 +91,34 @@ class LohaBlock(SinglePluginBlock):
         return _HadamardOfLowRanks.apply(self.scaling, *factors)
 
 
-@register_single_plugin("hcp_loha", LohaBlock)
+    def kohya_tensors(self) -> dict[str, torch.Tensor]:
+        if self.rank_groups != 2:
+            raise ValueError(f"kohya/LyCORIS LoHa files have two pairs; this block has {self.rank_groups}.")
+        return super().kohya_tensors()
+
+    def lora_factors(self, host: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LoRA of rank ``r * r`` equal to this block: ``(A1 B1) * (A2 B2) = (A1 ⊙ A2)(B1 ⊙ B2)``, with
+        column-wise / row-wise Khatri-Rao products."""
+        if self.rank_groups != 2:
+            raise ValueError(f"Only two-pair LoHa blocks convert to LoRA; this one has {self.rank_groups}.")
+        with torch.no_grad():
+            a1, b1, a2, b2 = self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b
+            up = (a1[:, :, None] * a2[:, None, :]).flatten(1) * self.scaling  # (out, r*r)
+            down = (b1[:, None, :] * b2[None, :, :]).flatten(0, 1)  # (r*r, fan_in)
+        if isinstance(host, nn.Conv2d):
+            return down.reshape(down.shape[0], *host.weight.shape[1:]), up[:, :, None, None]
+        return down, up
+
+
+class HcpLohaLayer(SinglePluginLayer, type_name="hcp_loha", block_cls=LohaBlock):
+    """The PEFT tuner layer of ``hcp_loha``: wraps a Linear/Conv2d host, which computes with ``W + ΔW``."""
+
+
+class HcpLohaModel(HcpSingleModel, layer_cls=HcpLohaLayer):
+    """The PEFT tuner of ``hcp_loha``."""
+
+
+@register_type(HcpLohaModel)
 @dataclass
 class HcpLohaConfig(HcpSingleConfig):
     """LoHa on ``nn.Linear`` / ``nn.Conv2d`` layers: ``rank_groups`` low-rank pairs multiplied elementwise."""

@@ -9,17 +9,23 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from peft_hcp.adapters.lowrank import check_rank, host_shape, resolve_rank, scaling
-from peft_hcp.single.block import SinglePluginBlock
-from peft_hcp.single.config import HcpSingleConfig
-from peft_hcp.single.register import register_single_plugin
+from peft_hcp.registry import register_type
+from peft_hcp.single import HcpSingleConfig, HcpSingleModel, SinglePluginLayer
+from peft_hcp.single.lowrank import (
+    LowRankBlock,
+    check_rank,
+    host_shape,
+    resolve_rank,
+    scaling,
+)
 
 
-class LoraBlock(SinglePluginBlock):
+class LoraBlock(LowRankBlock):
     """``lora_down`` (in -> rank, the host's kernel for convolutions), then ``lora_up`` (rank -> out, 1x1)."""
 
-    wrapable_classes = (nn.Linear, nn.Conv2d)
-    supports_scaling = True
+    kohya_weights = kohya_required = ("lora_down.weight", "lora_up.weight")
+    rank_dims = {"lora_down.weight": 0, "lora_up.weight": 1}
+    scale_weight = "lora_up.weight"
 
     def __init__(self, host: nn.Module, config: "HcpLoraConfig") -> None:
         super().__init__(host, config)
@@ -52,8 +58,26 @@ class LoraBlock(SinglePluginBlock):
     def get_delta_bias(self) -> Optional[torch.Tensor]:
         return None if self.lora_up.bias is None else self.lora_up.bias * self.scaling
 
+    def kohya_tensors(self) -> dict[str, torch.Tensor]:
+        if self.lora_up.bias is not None:
+            raise ValueError("kohya/LyCORIS files have no LoRA bias; train without lora_bias to export.")
+        return super().kohya_tensors()
 
-@register_single_plugin("hcp_lora", LoraBlock)
+    def lora_factors(self, host: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lora_up.bias is not None:
+            raise ValueError("diffusers' LoRA layout has no lora_B bias here; train without lora_bias to export.")
+        return self.lora_down.weight.detach().clone(), self.lora_up.weight.detach() * self.scaling
+
+
+class HcpLoraLayer(SinglePluginLayer, type_name="hcp_lora", block_cls=LoraBlock):
+    """The PEFT tuner layer of ``hcp_lora``: wraps a Linear/Conv2d host and runs its :class:`LoraBlock` s."""
+
+
+class HcpLoraModel(HcpSingleModel, layer_cls=HcpLoraLayer):
+    """The PEFT tuner of ``hcp_lora``."""
+
+
+@register_type(HcpLoraModel)
 @dataclass
 class HcpLoraConfig(HcpSingleConfig):
     """LoRA on ``nn.Linear`` / ``nn.Conv2d`` layers, with HCP-Diffusion's parameters.

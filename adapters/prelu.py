@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peft_hcp.patch.block import PatchPluginBlock
-from peft_hcp.patch.config import HcpPatchConfig
-from peft_hcp.patch.layer import ReplacePatchContainer
-from peft_hcp.patch.register import register_patch_plugin
+from peft_hcp.patch import (
+    HcpPatchConfig,
+    HcpPatchModel,
+    PatchPluginBlock,
+    ReplacePatchContainer,
+)
+from peft_hcp.registry import register_type
 
 
 class PReLUPatch(PatchPluginBlock):
@@ -40,7 +43,15 @@ class PReLUPatch(PatchPluginBlock):
         return output + self.act(x)
 
 
-@register_patch_plugin("hcp_prelu", PReLUPatch)
+class HcpPReLUContainer(ReplacePatchContainer, type_name="hcp_prelu", block_cls=PReLUPatch):
+    """The container that takes a SiLU's place: the sum of the active adapters' PReLUs."""
+
+
+class HcpPReLUModel(HcpPatchModel, layer_cls=HcpPReLUContainer):
+    """The PEFT tuner of ``hcp_prelu``."""
+
+
+@register_type(HcpPReLUModel)
 @dataclass
 class HcpPReLUConfig(HcpPatchConfig):
     """SiLU -> PReLU on the selected activations (``p`` is the initial negative slope)."""

@@ -46,7 +46,7 @@ def main() -> None:
     (entry,) = hcp_entries["list"]
 
     def peft(settings):
-        from peft_hcp.embedded.models import tiny_unet
+        from peft_hcp.embedded import tiny_unet
         from peft_hcp.single.model import find_hosts
 
         names = find_hosts(tiny_unet(), entry.config, peft_hcp.LoraBlock)

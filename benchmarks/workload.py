@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from peft_hcp.embedded.models import sd15_unet, tiny_unet
+from peft_hcp.embedded import sd15_unet, tiny_unet
 
 TEXT_TOKENS = 77
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

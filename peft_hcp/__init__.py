@@ -4,12 +4,13 @@ Importing this package registers every bundled plugin type with PEFT, so that ``
 ``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` know them.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import version
 
+from peft_hcp.adapter_set import load_adapter, save_adapter
+from peft_hcp.adapters.controlnet import ControlNetPlugin, HcpControlNetConfig
 from peft_hcp.adapters.loha import HcpLohaConfig, LohaBlock
 from peft_hcp.adapters.lora import HcpLoraConfig, LoraBlock
 from peft_hcp.adapters.prelu import HcpPReLUConfig, PReLUPatch
-from peft_hcp.adapters.controlnet import ControlNetPlugin, HcpControlNetConfig
 from peft_hcp.adapters.skip import HcpSkipConfig, SkipBlock
 from peft_hcp.errors import (
     CheckpointError,
@@ -27,55 +28,68 @@ from peft_hcp.hooked import (
     register_multi_plugin,
     register_plugin,
 )
-from peft_hcp.hub import load_adapter, push_adapter, save_adapter
-from peft_hcp.patch.block import PatchPluginBlock
-from peft_hcp.patch.config import HcpPatchConfig
-from peft_hcp.patch.layer import PatchPluginContainer, ReplacePatchContainer
-from peft_hcp.patch.register import register_patch_plugin
-from peft_hcp.selectors import Selector, Target, parse_selector, parse_selectors, resolve
-from peft_hcp.single.block import SinglePluginBlock
-from peft_hcp.single.config import HcpSingleConfig
-from peft_hcp.single.register import register_single_plugin
+from peft_hcp.hub import push_adapter
+from peft_hcp.patch import (
+    HcpPatchConfig,
+    PatchPluginBlock,
+    PatchPluginContainer,
+    ReplacePatchContainer,
+    register_patch_plugin,
+)
+from peft_hcp.registry import register_type
+from peft_hcp.selectors import (
+    Selector,
+    Target,
+    parse_selector,
+    parse_selectors,
+    resolve,
+)
+from peft_hcp.single import HcpSingleConfig, SinglePluginBlock, register_single_plugin
+from peft_hcp.single.lowrank import LowRankBlock
 from peft_hcp.wrap import wrap_model
 
+__version__ = version("peft-hcp")
+
 __all__ = [
-    "load_adapter",
-    "push_adapter",
-    "save_adapter",
+    "CheckpointError",
     "ControlNetPlugin",
     "HcpControlNetConfig",
-    "HcpMultiPluginConfig",
-    "HcpPluginConfig",
-    "HcpSkipConfig",
-    "MultiPluginBlock",
-    "PluginBlock",
-    "SkipBlock",
-    "feed",
-    "register_multi_plugin",
-    "register_plugin",
-    "CheckpointError",
     "HcpLohaConfig",
     "HcpLoraConfig",
+    "HcpMultiPluginConfig",
     "HcpPReLUConfig",
     "HcpPatchConfig",
+    "HcpPluginConfig",
     "HcpSingleConfig",
+    "HcpSkipConfig",
     "LohaBlock",
     "LoraBlock",
+    "LowRankBlock",
     "MergeNotSupportedError",
+    "MultiPluginBlock",
     "PReLUPatch",
     "PatchPluginBlock",
     "PatchPluginContainer",
+    "PluginBlock",
     "ReplacePatchContainer",
     "Selector",
     "SelectorMatchError",
     "SelectorSyntaxError",
     "SinglePluginBlock",
+    "SkipBlock",
     "Target",
     "UnsupportedLayerError",
+    "feed",
+    "load_adapter",
     "parse_selector",
     "parse_selectors",
+    "push_adapter",
+    "register_multi_plugin",
     "register_patch_plugin",
+    "register_plugin",
     "register_single_plugin",
+    "register_type",
     "resolve",
+    "save_adapter",
     "wrap_model",
 ]

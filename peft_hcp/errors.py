@@ -25,3 +25,11 @@ class MergeNotSupportedError(NotImplementedError):
 
 class CheckpointError(ValueError):
     """An adapter checkpoint is corrupted, pickled, or made for a model of another shape."""
+
+
+def few(items: list[str], limit: int = 5) -> str:
+    """``items`` for an error message: the first ``limit``, then how many more."""
+    if not items:
+        return "none"
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more

@@ -65,55 +65,47 @@ def _same_class(a: type, b: type) -> bool:
     return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
-def plugin_type_decorator(
-    type_name: str,
-    block_cls: type,
-    *,
-    block_base: type,
-    config_base: type,
-    layer_base: type,
-    model_base: type,
-    layer_suffix: str = "Layer",
-) -> Callable[[ConfigT], ConfigT]:
-    """The class decorator behind every ``register_*_plugin``: bind a block class and a config class
-    into a PEFT type named ``type_name``.
+def register_type(model_cls: type) -> Callable[[ConfigT], ConfigT]:
+    """Class decorator binding a config class to the tuner ``model_cls`` and registering the PEFT type.
 
-    It makes the type's tuner-layer class (``layer_base`` bound to ``block_cls``, blocks kept in a
-    ``ModuleDict`` named ``<type_name>_blocks``) and tuner class (``model_base`` with the type's prefix),
-    puts both in the block's module so pickle and multiprocessing can find them, and registers them.
+    The type's name is its layer class's ``type_name``; its blocks are ``layer_cls.block_cls``. The
+    bundled types write their layer and tuner classes in source and register with this::
+
+        class HcpLoraLayer(SinglePluginLayer, type_name="hcp_lora", block_cls=LoraBlock): ...
+        class HcpLoraModel(HcpSingleModel, layer_cls=HcpLoraLayer): ...
+
+        @register_type(HcpLoraModel)
+        @dataclass
+        class HcpLoraConfig(HcpSingleConfig): ...
     """
-    if not (isinstance(block_cls, type) and issubclass(block_cls, block_base)):
-        raise TypeError(f"{block_cls!r} is not a {block_base.__name__} subclass.")
-    if hasattr(block_base, "wrapable_classes") and not block_cls.wrapable_classes:
-        raise TypeError(f"{block_cls.__name__}.wrapable_classes is empty: say which module types it attaches to.")
+    layer_cls = model_cls.tuner_layer_cls
 
     def decorate(config_cls: ConfigT) -> ConfigT:
-        if not issubclass(config_cls, config_base):
-            raise TypeError(f"{config_cls.__name__} must subclass {config_base.__name__}.")
-        blocks_attr = f"{type_name}_blocks"
-        layer_cls = _made_class(
-            block_cls,
-            layer_suffix,
-            layer_base,
-            block_cls=block_cls,
-            blocks_attr=blocks_attr,
-            adapter_layer_names=(blocks_attr,),
-        )
-        model_cls = _made_class(block_cls, "Model", model_base, prefix=type_name + "_", tuner_layer_cls=layer_cls)
-        config_cls.type_name = type_name
-        config_cls.plugin_cls = block_cls
-        register_tuner(type_name, config_cls, model_cls)
+        if not issubclass(config_cls, layer_cls.config_base):
+            raise TypeError(f"{config_cls.__name__} must subclass {layer_cls.config_base.__name__}.")
+        config_cls.type_name = layer_cls.type_name
+        config_cls.plugin_cls = layer_cls.block_cls
+        register_tuner(layer_cls.type_name, config_cls, model_cls)
         return config_cls
 
     return decorate
 
 
-def _made_class(owner: type, suffix: str, base: type, **attributes) -> type:
+def generated_type(type_name: str, block_cls: type, layer_base: type, model_base: type) -> Callable[[ConfigT], ConfigT]:
+    """:func:`register_type` for a user plugin, whose layer and tuner classes are generated.
+
+    This keeps a user plugin's registration at one decorator line (``register_single_plugin(name,
+    Block)``). The generated classes are named after the block (``GainBlockLayer``, ``GainBlockModel``)
+    and placed in the block's module, so tracebacks name them and pickle (multiprocessing) finds them.
+    """
+    layer_cls = _made_class(block_cls, "Layer", layer_base, type_name=type_name, block_cls=block_cls)
+    model_cls = _made_class(block_cls, "Model", model_base, layer_cls=layer_cls)
+    return register_type(model_cls)
+
+
+def _made_class(owner: type, suffix: str, base: type, **class_kwargs) -> type:
     """A subclass of ``base`` named after ``owner`` and placed in ``owner``'s module."""
-    made = type(
-        owner.__name__ + suffix,
-        (base,),
-        {**attributes, "__module__": owner.__module__, "__qualname__": owner.__qualname__ + suffix},
-    )
+    namespace = {"__module__": owner.__module__, "__qualname__": owner.__qualname__ + suffix}
+    made = type(owner.__name__ + suffix, (base,), namespace, **class_kwargs)
     setattr(sys.modules[owner.__module__], made.__name__, made)
     return made

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from peft_hcp.adapters.lora import LoraBlock
 from torch import nn
 
 from benchmarks import run
 from benchmarks.measure import MemoryProbe, interleaved, return_freed_memory_to_os
 from peft_hcp import HcpLoraConfig
-from peft_hcp.adapters.lora import LoraBlock
-from peft_hcp.embedded.models import tiny_unet
+from peft_hcp.embedded import tiny_unet
 from peft_hcp.single.model import find_hosts
 
 

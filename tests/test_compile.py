@@ -4,7 +4,7 @@ import torch
 from peft import get_peft_model
 
 from peft_hcp import HcpLoraConfig
-from tests.conftest import unet_out
+from tests.helpers import unet_out
 
 
 def test_compiled_lora_unet_matches_eager(unet, unet_batch):

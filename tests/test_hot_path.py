@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from peft_hcp.adapters.loha import _hadamard, _HadamardOfLowRanks
 
 

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from peft import PeftModel
 
 from peft_hcp import CheckpointError, HcpLohaConfig, HcpLoraConfig
+from peft_hcp.embedded import tiny_clip_text_model, tiny_unet, unet_inputs
 from peft_hcp.hub import attach, load_adapter, read_set, save_adapter
-from peft_hcp.embedded.models import tiny_clip_text_model, tiny_unet, unet_inputs
-
-from .conftest import unet_out
-from .hub_pipeline import one_thread, pipe_out, tiny_pipeline  # noqa: F401 (autouse fixture)
-
-HERE = os.path.dirname(__file__)
+from tests.helpers import pipe_out, run_python, tiny_pipeline, unet_out
 
 
 def _adapt(pipe) -> None:
@@ -29,7 +23,7 @@ def _adapt(pipe) -> None:
 
 @pytest.fixture
 def adapted(tmp_path):
-    pipe = tiny_pipeline(str(tmp_path))
+    pipe = tiny_pipeline()
     base = pipe_out(pipe)
     _adapt(pipe)
     return pipe, base
@@ -56,7 +50,7 @@ def test_set_round_trip_in_process(adapted, tmp_path):
     out = pipe_out(pipe)
     assert (out - base).abs().max() > 1e-3
     save_adapter(pipe, str(tmp_path / "set"))
-    fresh = tiny_pipeline(str(tmp_path))
+    fresh = tiny_pipeline()
     loaded = load_adapter(fresh, str(tmp_path / "set"))
     assert sorted(e.name for e in loaded) == ["loha", "lora", "te"]
     assert fresh.get_list_adapters() == {"unet": ["lora", "loha"], "text_encoder": ["te"]}
@@ -67,7 +61,7 @@ def test_set_round_trip_in_process(adapted, tmp_path):
 def test_pipeline_controls_mix_disable_delete(adapted, tmp_path):
     pipe, base = adapted
     save_adapter(pipe, str(tmp_path / "set"))
-    fresh = tiny_pipeline(str(tmp_path))
+    fresh = tiny_pipeline()
     load_adapter(fresh, str(tmp_path / "set"))
     full = pipe_out(fresh)
     fresh.set_adapters(["lora", "loha", "te"], [0.0, 0.0, 0.0])
@@ -108,13 +102,16 @@ def test_fresh_process_load(adapted, tmp_path):
     pipe, _ = adapted
     save_adapter(pipe, str(tmp_path / "set"))
     torch.save(pipe_out(pipe), tmp_path / "want.pt")
-    script = (
-        "import sys, torch; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(1);"
-        "import peft_hcp; from tests.hub_pipeline import tiny_pipeline, pipe_out;"
-        "pipe = tiny_pipeline(sys.argv[2]); peft_hcp.load_adapter(pipe, sys.argv[2] + '/set');"
-        "torch.save(pipe_out(pipe), sys.argv[2] + '/got.pt')"
+    run_python(
+        """
+        import peft_hcp
+        from tests.helpers import pipe_out, tiny_pipeline
+        pipe = tiny_pipeline()
+        peft_hcp.load_adapter(pipe, sys.argv[1] + '/set')
+        torch.save(pipe_out(pipe), sys.argv[1] + '/got.pt')
+        """,
+        str(tmp_path),
     )
-    subprocess.run([sys.executable, "-c", script, os.path.dirname(HERE), str(tmp_path)], check=True, timeout=120)
     torch.testing.assert_close(torch.load(tmp_path / "got.pt"), torch.load(tmp_path / "want.pt"), rtol=0, atol=0)
 
 
@@ -122,12 +119,12 @@ def test_bad_inputs(adapted, tmp_path):
     pipe, _ = adapted
     save_adapter(pipe, str(tmp_path / "set"))
     with pytest.raises(ValueError, match="several adapter names"):
-        load_adapter(tiny_pipeline(str(tmp_path)), str(tmp_path / "set"), adapter_name="x")
+        load_adapter(tiny_pipeline(), str(tmp_path / "set"), adapter_name="x")
     with pytest.raises(ValueError, match="components"):
         load_adapter(tiny_unet(), str(tmp_path / "set"))
     with pytest.raises(ValueError, match="no adapters"):
         save_adapter(tiny_clip_text_model(), str(tmp_path / "empty"))
-    again = tiny_pipeline(str(tmp_path))
+    again = tiny_pipeline()
     load_adapter(again, str(tmp_path / "set"))
     with pytest.raises(ValueError, match="already has an adapter named 'lora'"):
         load_adapter(again, str(tmp_path / "set"))
@@ -135,9 +132,9 @@ def test_bad_inputs(adapted, tmp_path):
     cfg = tmp_path / "set" / "text_encoder" / "adapter_config.json"
     cfg.write_text(cfg.read_text().replace('"HCP_LORA"', '"HCP_NOPE"'))
     with pytest.raises(CheckpointError, match="not registered"):
-        load_adapter(tiny_pipeline(str(tmp_path)), str(tmp_path / "set"), adapter_name={"lora": "a", "loha": "b"})
+        load_adapter(tiny_pipeline(), str(tmp_path / "set"), adapter_name={"lora": "a", "loha": "b"})
     # a pickle instead of safetensors is refused
     weights = tmp_path / "set" / "unet" / "lora" / "adapter_model.safetensors"
     weights.rename(weights.with_name("adapter_model.bin"))
     with pytest.raises(CheckpointError, match="pickle"):
-        load_adapter(tiny_pipeline(str(tmp_path)), str(tmp_path / "set"))
+        load_adapter(tiny_pipeline(), str(tmp_path / "set"))

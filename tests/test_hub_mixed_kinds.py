@@ -7,20 +7,14 @@ brings the whole set back, here in a fresh process.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import torch
 
 import peft_hcp
 from peft_hcp import HcpControlNetConfig, HcpLoraConfig, HcpPReLUConfig
+from peft_hcp.embedded import tiny_unet, unet_inputs
 from peft_hcp.hub import attach, load_adapter, read_set, save_adapter
-from peft_hcp.embedded.models import tiny_unet, unet_inputs
+from tests.helpers import run_python
 
-from .hub_pipeline import one_thread  # noqa: F401 (autouse fixture)
-
-ROOT = os.path.dirname(os.path.dirname(__file__))
 COND = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
@@ -74,14 +68,17 @@ def test_three_kinds_train_together_and_round_trip(tmp_path):
     torch.testing.assert_close(_out(fresh), want, rtol=0, atol=0)
 
     torch.save(want, tmp_path / "want.pt")
-    script = (
-        "import sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv[1]);"
-        "import peft_hcp; from peft_hcp.embedded.models import tiny_unet, unet_inputs;"
-        "from tests.test_hub_mixed_kinds import _out;"
-        "unet = tiny_unet(); peft_hcp.load_adapter(unet, sys.argv[2] + '/set');"
-        "torch.save(_out(unet), sys.argv[2] + '/got.pt')"
+    run_python(
+        """
+        import peft_hcp
+        from peft_hcp.embedded import tiny_unet
+        from tests.test_hub_mixed_kinds import _out
+        unet = tiny_unet()
+        peft_hcp.load_adapter(unet, sys.argv[1] + '/set')
+        torch.save(_out(unet), sys.argv[1] + '/got.pt')
+        """,
+        str(tmp_path),
     )
-    subprocess.run([sys.executable, "-c", script, ROOT, str(tmp_path)], check=True, timeout=120)
     torch.testing.assert_close(torch.load(tmp_path / "got.pt"), want, rtol=0, atol=0)
 
 

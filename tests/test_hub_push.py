@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,18 +13,15 @@ from peft import PeftModel, get_peft_model
 
 import peft_hcp
 from peft_hcp import HcpLohaConfig, HcpLoraConfig
+from peft_hcp.embedded import tiny_unet, unet_inputs
 from peft_hcp.hub import attach, load_adapter, push_adapter
-from peft_hcp.embedded.models import tiny_unet, unet_inputs
+from tests.helpers import pipe_out, run_python, tiny_pipeline, unet_out
 
-from .conftest import unet_out
-from .hub_pipeline import one_thread, pipe_out, tiny_pipeline  # noqa: F401 (autouse fixture)
 from .hub_server import loopback_hub  # noqa: F401 (fixture)
 
-ROOT = os.path.dirname(os.path.dirname(__file__))
 
-
-def _adapted(folder):
-    pipe = tiny_pipeline(folder)
+def _adapted():
+    pipe = tiny_pipeline()
     attach(pipe.unet, HcpLoraConfig(target_modules=["re:.*attn.?$"], r=2, init_weights=False), "lora")
     attach(pipe.unet, HcpLohaConfig(target_modules=["re:.*ff\\.net\\.2$"], init_weights=False), "loha")
     attach(pipe.text_encoder, HcpLoraConfig(target_modules=["re:.*self_attn$"], init_weights=False), "te")
@@ -34,7 +29,7 @@ def _adapted(folder):
 
 
 def test_push_then_fresh_process_load(loopback_hub, tmp_path):
-    pipe = _adapted(str(tmp_path))
+    pipe = _adapted()
     commit = push_adapter(
         pipe, "user/tiny-set", base_model="user/tiny-sd", license="apache-2.0",
         training={"steps": 10, "lr": 1e-4},
@@ -44,20 +39,24 @@ def test_push_then_fresh_process_load(loopback_hub, tmp_path):
             "text_encoder/adapter_model.safetensors"} <= set(files)
     assert commit.oid == loopback_hub.heads["user/tiny-set"]
     torch.save(pipe_out(pipe), tmp_path / "want.pt")
-    script = (
-        "import sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv[1]);"
-        "import peft_hcp; from tests.hub_pipeline import tiny_pipeline, pipe_out;"
-        "pipe = tiny_pipeline(sys.argv[2]); peft_hcp.load_adapter(pipe, 'user/tiny-set');"
-        "torch.save(pipe_out(pipe), sys.argv[2] + '/got.pt')"
+    run_python(
+        """
+        import peft_hcp
+        from tests.helpers import pipe_out, tiny_pipeline
+        pipe = tiny_pipeline()
+        peft_hcp.load_adapter(pipe, 'user/tiny-set')
+        torch.save(pipe_out(pipe), sys.argv[1] + '/got.pt')
+        """,
+        str(tmp_path),
+        env=dict(os.environ),
     )
-    subprocess.run([sys.executable, "-c", script, ROOT, str(tmp_path)], check=True, timeout=120, env=os.environ)
     torch.testing.assert_close(torch.load(tmp_path / "got.pt"), torch.load(tmp_path / "want.pt"), rtol=0, atol=0)
     # the subprocess downloaded through the loopback server (not a local path)
     assert ("GET", f"/user/tiny-set/resolve/{commit.oid}/unet/loha/adapter_model.safetensors") in loopback_hub.requests
 
 
 def test_model_card_renders_and_parses(loopback_hub, tmp_path):
-    pipe = _adapted(str(tmp_path))
+    pipe = _adapted()
     grid = tmp_path / "grid.png"
     grid.write_bytes(b"\x89PNG\r\n\x1a\n")
     push_adapter(pipe, "user/carded", base_model="user/tiny-sd", license="mit", training={"steps": 10},

@@ -7,7 +7,7 @@ import torch
 from peft import LoHaConfig, LoraConfig, get_peft_model
 
 from peft_hcp import HcpLohaConfig, HcpLoraConfig
-from tests.conftest import unet_out
+from tests.helpers import unet_out
 
 # attention + feed-forward linears, and the resnet convolutions (3x3) and shortcut (1x1)
 TARGETS = ["re:.*attn.?$", "re:.*ff$", "re:.*resnets\\.\\d+\\.conv\\d$", "re:.*conv_shortcut$"]

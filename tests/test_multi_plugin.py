@@ -1,20 +1,22 @@
 """The many -> many plugin kind (MultiPluginBlock) with the ControlNet example and the input feeder."""
 
 import copy
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from peft import PeftModel, get_peft_model, inject_adapter_in_model
-from torch import nn
 
 import peft_hcp
-from peft_hcp import HcpControlNetConfig, HcpLoraConfig, MergeNotSupportedError, SelectorMatchError, UnsupportedLayerError
-from peft_hcp.embedded.models import tiny_unet, unet_inputs
-from tests.conftest import unet_out
+from peft_hcp import (
+    HcpControlNetConfig,
+    HcpLoraConfig,
+    MergeNotSupportedError,
+    SelectorMatchError,
+    UnsupportedLayerError,
+)
+from peft_hcp.embedded import tiny_unet, unet_inputs
+from tests.helpers import hook_count, run_python, unet_out
 
 HEAD = [8, 16]  # a small condition head: the image is twice the latent size
 
@@ -30,10 +32,6 @@ def cond_image(batch=2, size=32, seed=1):
 def fed_out(model, batch, cond):
     with peft_hcp.feed(model, cond=cond), torch.no_grad():
         return model(*batch).sample
-
-
-def hook_count(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def test_zero_init_leaves_the_host_unchanged(unet, unet_batch):
@@ -157,11 +155,11 @@ def test_save_load_in_a_fresh_process_and_under_another_name(unet, unet_batch, t
     expected = fed_out(model, unet_batch, cond_image())
     model.save_pretrained(tmp_path / "cn")
     torch.save(expected, tmp_path / "expected.pt")
-    script = textwrap.dedent(
+    script = (
         f"""
         import torch, peft_hcp
         from peft import PeftModel
-        from peft_hcp.embedded.models import tiny_unet, unet_inputs
+        from peft_hcp.embedded import tiny_unet, unet_inputs
         from tests.test_multi_plugin import cond_image
         model = PeftModel.from_pretrained(tiny_unet(), {str(tmp_path / "cn")!r})
         with peft_hcp.feed(model, cond=cond_image()), torch.no_grad():
@@ -171,8 +169,8 @@ def test_save_load_in_a_fresh_process_and_under_another_name(unet, unet_batch, t
         print("OK")
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+    result = run_python(script)
+    assert "OK" in result.stdout
     other = PeftModel.from_pretrained(tiny_unet(), tmp_path / "cn", adapter_name="again")
     assert torch.equal(fed_out(other, unet_batch, cond_image()), expected)
 
@@ -183,19 +181,18 @@ def test_reload_restores_the_trained_copy_exactly(unet, unet_batch, tmp_path):
         unet.hcp_controlnet.blocks["default"].down_blocks[0].resnets[0].conv1.weight.add_(1.0)  # "trained"
     expected = fed_out(model, unet_batch, cond_image())
     model.save_pretrained(tmp_path / "cn")
-    script = textwrap.dedent(
+    script = (
         f"""
         import torch, peft_hcp
         from peft import PeftModel
-        from peft_hcp.embedded.models import tiny_unet, unet_inputs
+        from peft_hcp.embedded import tiny_unet, unet_inputs
         from tests.test_multi_plugin import cond_image
         model = PeftModel.from_pretrained(tiny_unet(), {str(tmp_path / "cn")!r})
         with peft_hcp.feed(model, cond=cond_image()), torch.no_grad():
             torch.save(model(*unet_inputs()).sample, {str(tmp_path / "out.pt")!r})
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_python(script)
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
 
 
@@ -254,22 +251,33 @@ def test_feed_reaches_the_plugin_through_a_pipeline_call(unet):
         pipe(text)
 
 
-def test_feed_reaches_the_plugin_through_ddp(unet, unet_batch, tmp_path):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
+def test_feed_reaches_the_plugin_through_ddp(tmp_path):
+    # a process group lives in a child process with a timeout: its teardown once hung the suite for 19 minutes
+    result = run_python(
+        """
+        import torch.distributed as dist
+        from peft import get_peft_model
+        from torch.nn.parallel import DistributedDataParallel
+        import peft_hcp
+        from peft_hcp.embedded import tiny_unet, unet_inputs
+        from tests.test_multi_plugin import cn_config, cond_image, fed_out
 
-    model = get_peft_model(unet, cn_config())
-    expected = fed_out(model, unet_batch, cond_image())
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
+        model = get_peft_model(tiny_unet(), cn_config())
+        expected = fed_out(model, unet_inputs(), cond_image())
+        dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
         ddp = DistributedDataParallel(model)
         with peft_hcp.feed(ddp, cond=cond_image()):
-            out = ddp(*unet_batch).sample
+            out = ddp(*unet_inputs()).sample
             out.square().mean().backward()
         assert torch.equal(out.detach(), expected)
-        assert unet.hcp_controlnet.blocks["default"].zero_conv_mid.weight.grad is not None
-    finally:
+        assert model.base_model.model.hcp_controlnet.blocks["default"].zero_conv_mid.weight.grad is not None
+        print("OK", flush=True)
         dist.destroy_process_group()
+        """,
+        str(tmp_path / "rendezvous"),
+        timeout=120,
+    )
+    assert "OK" in result.stdout
 
 
 def test_in_place_next_to_a_lora_and_set_adapters_scale(unet, unet_batch):

@@ -2,21 +2,17 @@
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import unet_out
 from peft import PeftModel, get_peft_model, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft_hcp.adapters.prelu import HcpPReLUContainer
 from safetensors.torch import load_file
 from torch import nn
 
-from peft_hcp.adapters.prelu import PReLUPatchContainer
 from peft_hcp import (
     HcpLoraConfig,
     HcpPatchConfig,
@@ -27,6 +23,7 @@ from peft_hcp import (
     UnsupportedLayerError,
     register_patch_plugin,
 )
+from tests.helpers import run_python, unet_out
 
 NONLIN = ["re:.*nonlinearity$"]
 N_NONLIN = 8  # ResNet activations of the tiny UNet
@@ -171,7 +168,7 @@ def test_wrong_target_class_is_a_clear_error(unet):
     with pytest.raises(UnsupportedLayerError, match=r"'conv_in'.*Conv2d.*SiLU"):
         get_peft_model(unet, HcpPReLUConfig(target_modules=["conv_in"]))
     with pytest.raises(UnsupportedLayerError, match="PReLUPatch attaches to SiLU modules, not Linear"):
-        PReLUPatchContainer(nn.Linear(2, 2), "default", HcpPReLUConfig(target_modules=NONLIN))
+        HcpPReLUContainer(nn.Linear(2, 2), "default", HcpPReLUConfig(target_modules=NONLIN))
     with pytest.raises(ValueError, match="prehook"):
         HcpPReLUConfig(target_modules=["prehook:conv_act"])
     with pytest.raises(ValueError, match="p must be a number"):
@@ -182,7 +179,7 @@ _LOAD_SCRIPT = """
 import sys, torch, peft_hcp
 from peft import PeftModel
 from safetensors.torch import save_file
-from peft_hcp.embedded.models import tiny_unet, unet_inputs
+from peft_hcp.embedded import tiny_unet, unet_inputs
 model = PeftModel.from_pretrained(tiny_unet(), sys.argv[1])
 with torch.no_grad():
     save_file({"out": model(*unet_inputs()).sample}, sys.argv[2])
@@ -196,16 +193,12 @@ def test_save_and_load_in_a_fresh_process(unet, unet_batch, tmp_path):
     assert len(saved) == N_NONLIN and all(".hcp_prelu_blocks.act.weight" in k for k in saved)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "HCP_PRELU" and config["target_modules"] == NONLIN
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    subprocess.run(
-        [sys.executable, "-c", _LOAD_SCRIPT, str(tmp_path / "adapter"), str(tmp_path / "out.safetensors")],
-        check=True, env=env, capture_output=True,
-    )
+    run_python(_LOAD_SCRIPT, str(tmp_path / "adapter"), str(tmp_path / "out.safetensors"))
     assert torch.equal(load_file(tmp_path / "out.safetensors")["out"], unet_out(model, unet_batch))
 
 
 def test_load_under_a_second_name_goes_to_that_name(unet, tmp_path):
-    from peft_hcp.embedded.models import tiny_unet
+    from peft_hcp.embedded import tiny_unet
 
     trained = get_peft_model(unet, HcpPReLUConfig(target_modules=NONLIN, init_weights=False))
     trained.save_pretrained(tmp_path)
@@ -233,7 +226,7 @@ def test_deepcopy_is_independent(unet, unet_batch):
 
 
 def _patch_grads(checkpointing, batch):
-    from peft_hcp.embedded.models import tiny_unet
+    from peft_hcp.embedded import tiny_unet
 
     unet = tiny_unet()
     if checkpointing:

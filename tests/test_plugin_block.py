@@ -1,29 +1,26 @@
 """The from -> to plugin kind (PluginBlock) with the learned-skip example, on the tiny UNet and CLIP."""
 
 import copy
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from peft import PeftModel, get_peft_model, inject_adapter_in_model
-from torch import nn
 
-from peft_hcp import HcpLoraConfig, HcpSkipConfig, MergeNotSupportedError, SelectorMatchError
+from peft_hcp import (
+    HcpLoraConfig,
+    HcpSkipConfig,
+    MergeNotSupportedError,
+    SelectorMatchError,
+)
+from peft_hcp.embedded import tiny_unet
 from peft_hcp.hooked.block import PluginBlock
-from peft_hcp.embedded.models import tiny_unet
-from tests.conftest import unet_out
+from tests.helpers import hook_count, run_python, unet_out
 
 SKIP = dict(from_layer=["re:.*proj_in$"], to_layer=["prehook:re:.*proj_out$"])
 
 
 def skip_config(**kw):
     return HcpSkipConfig(**{**SKIP, "init_weights": False, **kw})
-
-
-def hook_count(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def test_attach_pairs_in_model_order_and_trains_only_the_plugin(unet, unet_batch):
@@ -142,11 +139,11 @@ def test_save_load_in_a_fresh_process_and_under_another_name(unet, unet_batch, t
     expected = unet_out(model, unet_batch)
     model.save_pretrained(tmp_path / "skip")
     torch.save(expected, tmp_path / "expected.pt")
-    script = textwrap.dedent(
+    script = (
         f"""
         import torch, peft_hcp
         from peft import PeftModel
-        from peft_hcp.embedded.models import tiny_unet, unet_inputs
+        from peft_hcp.embedded import tiny_unet, unet_inputs
         model = PeftModel.from_pretrained(tiny_unet(), {str(tmp_path / "skip")!r})
         with torch.no_grad():
             out = model(*unet_inputs()).sample
@@ -154,8 +151,8 @@ def test_save_load_in_a_fresh_process_and_under_another_name(unet, unet_batch, t
         print("OK")
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+    result = run_python(script)
+    assert "OK" in result.stdout
 
     other = PeftModel.from_pretrained(tiny_unet(), tmp_path / "skip", adapter_name="first")
     other.load_adapter(tmp_path / "skip", adapter_name="again")

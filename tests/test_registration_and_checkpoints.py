@@ -2,9 +2,7 @@
 
 import importlib
 import json
-import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass
 
 import pytest
@@ -16,17 +14,11 @@ from peft.utils import PeftType
 
 import peft_hcp
 from peft_hcp import CheckpointError, HcpLoraConfig, HcpSingleConfig
-from peft_hcp.embedded.models import tiny_unet
+from peft_hcp.embedded import tiny_unet
 from peft_hcp.registry import register_tuner
-from tests.conftest import unet_out
+from tests.helpers import run_python, unet_out
 
 TARGETS = ["re:.*attn.?$", "re:.*ff$"]
-
-
-def _run(script: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300, cwd=cwd
-    )
 
 
 def test_types_are_peft_enum_members_and_registration_is_idempotent():
@@ -67,10 +59,10 @@ def test_many_selectors_are_saved_unmangled(unet, tmp_path):
 
 def test_without_import_peft_names_the_missing_type(unet, tmp_path):
     get_peft_model(unet, HcpLoraConfig(target_modules=TARGETS)).save_pretrained(tmp_path)
-    result = _run(f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})")
+    result = run_python(f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})", check=False)
     assert result.returncode != 0 and "HCP_LORA" in result.stderr
-    result = _run(f"import peft_hcp; from peft import PeftConfig; print(PeftConfig.from_pretrained({str(tmp_path)!r}).peft_type)")
-    assert result.returncode == 0 and "HCP_LORA" in result.stdout
+    result = run_python(f"import peft_hcp; from peft import PeftConfig; print(PeftConfig.from_pretrained({str(tmp_path)!r}).peft_type)")
+    assert "HCP_LORA" in result.stdout
 
 
 def test_config_file_cannot_name_an_arbitrary_type(tmp_path):
@@ -117,19 +109,18 @@ def test_user_plugin_gets_config_save_and_load_for_free(tmp_path, unet_batch):
     expected = unet_out(model, unet_batch)
     assert not torch.equal(expected, unet_out(tiny_unet(), unet_batch))
     model.save_pretrained(tmp_path / "adapter")
-    result = _run(
+    run_python(
         """
         import torch, my_plugin
         from peft import PeftModel
         from safetensors.torch import save_file
-        from peft_hcp.embedded.models import tiny_unet, unet_inputs
+        from peft_hcp.embedded import tiny_unet, unet_inputs
         model = PeftModel.from_pretrained(tiny_unet(), "adapter")
         with torch.no_grad():
             save_file({"out": model(*unet_inputs()).sample}, "out.safetensors")
         """,
         cwd=tmp_path,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(tmp_path / "out.safetensors")["out"], expected)

@@ -3,7 +3,14 @@
 import pytest
 from peft import get_peft_model
 
-from peft_hcp import HcpLoraConfig, SelectorMatchError, SelectorSyntaxError, parse_selector, parse_selectors, resolve
+from peft_hcp import (
+    HcpLoraConfig,
+    SelectorMatchError,
+    SelectorSyntaxError,
+    parse_selector,
+    parse_selectors,
+    resolve,
+)
 from peft_hcp.selectors import selectable_modules
 
 ATTN1 = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"

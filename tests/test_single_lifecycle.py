@@ -1,9 +1,6 @@
 """PEFT behaviour of the single-layer plugins: training, adapters, merge/unload, save/load, diffusers."""
 
 import copy
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -11,8 +8,8 @@ from peft import PeftModel, get_peft_model, inject_adapter_in_model
 from safetensors.torch import load_file
 
 from peft_hcp import HcpLohaConfig, HcpLoraConfig, MergeNotSupportedError
-from peft_hcp.embedded.models import tiny_unet
-from tests.conftest import unet_out
+from peft_hcp.embedded import tiny_unet
+from tests.helpers import run_python, unet_out
 
 TARGETS = ["re:.*attn.?$", "re:.*ff$"]
 TO_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -216,7 +213,7 @@ def test_text_encoder_lora(text_encoder, token_ids, tmp_path):
         adapted = model(input_ids=token_ids).last_hidden_state
     assert not torch.allclose(adapted, base, atol=1e-4)
     model.save_pretrained(tmp_path)
-    from peft_hcp.embedded.models import tiny_clip_text_model
+    from peft_hcp.embedded import tiny_clip_text_model
 
     loaded = PeftModel.from_pretrained(tiny_clip_text_model(), tmp_path)
     with torch.no_grad():
@@ -235,23 +232,18 @@ def test_load_under_a_second_adapter_name(unet, unet_batch, tmp_path):
     assert torch.equal(unet_out(fresh, unet_batch), trained)
 
 
-def _run(script: str) -> None:
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 @pytest.mark.parametrize("config_cls", [HcpLoraConfig, HcpLohaConfig])
 def test_save_then_load_in_a_fresh_process(unet, unet_batch, tmp_path, config_cls):
     model = get_peft_model(unet, config_cls(target_modules=TARGETS + ["conv_in"], r=0.5, init_weights=False))
     expected = unet_out(model, unet_batch)
     model.save_pretrained(tmp_path / "adapter")
     assert {p.name for p in (tmp_path / "adapter").iterdir()} <= {"adapter_config.json", "adapter_model.safetensors", "README.md"}
-    _run(
+    run_python(
         f"""
         import torch, peft_hcp
         from peft import PeftModel
         from safetensors.torch import save_file
-        from peft_hcp.embedded.models import tiny_unet, unet_inputs
+        from peft_hcp.embedded import tiny_unet, unet_inputs
         model = PeftModel.from_pretrained(tiny_unet(), {str(tmp_path / "adapter")!r})
         with torch.no_grad():
             out = model(*unet_inputs()).sample

@@ -11,15 +11,15 @@ import types
 import pytest
 import torch
 import yaml
-from PIL import Image
 from peft import PeftModel
+from PIL import Image
 from safetensors.torch import load_file
 
 import peft_hcp
 from peft_hcp.cli import main
+from peft_hcp.embedded import tiny_clip_text_model, tiny_unet, unet_inputs
 from peft_hcp.errors import CheckpointError, SelectorMatchError
 from peft_hcp.hub import load_adapter
-from peft_hcp.embedded.models import tiny_clip_text_model, tiny_unet, unet_inputs
 from peft_hcp.train import (
     PluginConfigError,
     SettingsError,
@@ -31,8 +31,7 @@ from peft_hcp.train import (
 )
 from peft_hcp.train.checkpoint import latest_checkpoint, save_checkpoint
 from peft_hcp.train.data import FolderDataset, ShapesDataset
-
-from .conftest import unet_out
+from tests.helpers import unet_out
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")

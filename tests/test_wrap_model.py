@@ -21,7 +21,7 @@ from peft_hcp import (
     wrap_model,
 )
 from peft_hcp.single.layer import SinglePluginLayer
-from tests.conftest import unet_out
+from tests.helpers import unet_out
 
 
 class GatedSiLUPatch(PatchPluginBlock):
@@ -135,7 +135,7 @@ def test_bad_exclusions_are_refused():
 
 
 def test_exclusions_survive_save_and_load(unet, unet_batch, tmp_path):
-    from peft_hcp.embedded.models import tiny_unet
+    from peft_hcp.embedded import tiny_unet
 
     config = HcpPReLUConfig(target_modules=[""], exclude_key="up_blocks", exclude_classes=["TimestepEmbedding"], init_weights=False)
     model = get_peft_model(unet, config)

@@ -12,10 +12,20 @@ import os
 from importlib import resources
 from typing import Optional
 
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from peft_hcp.embedded.models import EMBEDDED_RESOLUTION, tiny_clip_text_model, tiny_unet, tiny_vae
+from peft_hcp.embedded.models import (
+    tiny_clip_text_model,
+    tiny_unet,
+    tiny_vae,
+)
+
 
 def tokenizer_path() -> str:
     """Folder of the tiny CLIP tokenizer (vocab.json, merges.txt) that ships with the package."""

@@ -1,11 +1,15 @@
-"""Cross-layer plugin kinds: ``PluginBlock`` (from -> to) and ``MultiPluginBlock`` (many -> many), driven by hooks."""
+"""The two cross-layer kinds, which share one hook-driven container: HCP's ``PluginBlock`` (from one layer
+to another: a learned skip) and ``MultiPluginBlock`` (many layers to many: a ControlNet).
+
+``block`` (what a plugin writes), ``config``, ``layer`` (the container on the model root that owns the
+blocks and the hooks), ``model`` (the PEFT tuner), ``feed`` (extra inputs for a call).
+"""
 
 from peft_hcp.hooked.block import ActivationCache, MultiPluginBlock, PluginBlock
 from peft_hcp.hooked.config import HcpMultiPluginConfig, HcpPluginConfig
 from peft_hcp.hooked.feed import feed
 from peft_hcp.hooked.layer import HookedPluginLayer, MultiPluginLayer, PluginLayer
-from peft_hcp.hooked.model import HcpHookedModel
-from peft_hcp.hooked.register import register_multi_plugin, register_plugin
+from peft_hcp.hooked.model import HcpHookedModel, register_multi_plugin, register_plugin
 
 __all__ = [
     "ActivationCache",

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from peft_hcp.adapter_weights import WeightedBlock
+from peft_hcp.base.blocks import WeightedBlock
 from peft_hcp.selectors import Target
 
 
@@ -33,7 +33,7 @@ class ActivationCache(dict):
         return (type(self), ())
 
 
-class _HookedBlock(WeightedBlock, nn.Module):
+class _HookedBlock(WeightedBlock):
     """What both cross-layer kinds share: an activation cache and an adapter weight."""
 
     supports_scaling: ClassVar[bool] = True

@@ -5,34 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from peft_hcp.config import HcpConfig
-from peft_hcp.selectors import parse_selectors
+from peft_hcp.base.config import HcpConfig
 
 
 @dataclass
-class _HookedConfig(HcpConfig):
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules besides the plugins to train and save in full (PEFT semantics)."}
-    )
-    init_weights: bool = field(
-        default=True,
-        metadata={"help": "True: start as a no-op (the plugin's identity init). False: random init, for tests."},
-    )
-
-    def _check_selectors(self, *names: str) -> None:
-        for name in names:
-            value = getattr(self, name)
-            if isinstance(value, (set, tuple)):
-                value = list(value)
-                setattr(self, name, value)
-            if isinstance(value, str):  # one selector for one layer, as a convenience
-                value = [value]
-                setattr(self, name, value)
-            parse_selectors(value)  # a malformed selector fails at construction
-
-
-@dataclass
-class HcpPluginConfig(_HookedConfig):
+class HcpPluginConfig(HcpConfig):
     """Base config of a from -> to plugin (:class:`~peft_hcp.hooked.block.PluginBlock`).
 
     ``from_layer`` and ``to_layer`` are lists of selectors (:mod:`peft_hcp.selectors`). Each side is resolved
@@ -47,11 +24,12 @@ class HcpPluginConfig(_HookedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_selectors("from_layer", "to_layer")
+        for name in ("from_layer", "to_layer"):  # one string is one selector, as a convenience
+            self._selector_list(name)
 
 
 @dataclass
-class HcpMultiPluginConfig(_HookedConfig):
+class HcpMultiPluginConfig(HcpConfig):
     """Base config of a many -> many plugin (:class:`~peft_hcp.hooked.block.MultiPluginBlock`).
 
     One plugin instance per adapter. ``from_layers`` / ``to_layers`` are lists of selectors; the plugin's
@@ -66,4 +44,5 @@ class HcpMultiPluginConfig(_HookedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_selectors("from_layers", "to_layers")
+        for name in ("from_layers", "to_layers"):
+            self._selector_list(name)

@@ -21,34 +21,33 @@ from typing import Any, ClassVar, Optional
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from peft_hcp.adapter_weights import WeightedLayer
+from peft_hcp.base.blocks import BlockLayer
 from peft_hcp.errors import MergeNotSupportedError, SelectorMatchError
 from peft_hcp.hooked.block import MultiPluginBlock, PluginBlock, _HookedBlock
-from peft_hcp.selectors import Target, parse_selectors, resolve, resolve_each, selectable_modules
+from peft_hcp.hooked.config import HcpMultiPluginConfig, HcpPluginConfig
+from peft_hcp.selectors import (
+    Target,
+    parse_selectors,
+    resolve,
+    resolve_each,
+    selectable_modules,
+)
 
 HookSpec = tuple[Target, str, int]  # (layer, "from" | "to", index)
 
 
-class HookedPluginLayer(WeightedLayer, nn.Module, BaseTunerLayer):
+class HookedPluginLayer(BlockLayer):
     """Holds one plugin type's blocks for every adapter and the hooks that drive them."""
 
+    block_base: ClassVar[type] = _HookedBlock
     block_cls: ClassVar[type[_HookedBlock]]
-    blocks_attr: ClassVar[str]
     # a tuner layer that wraps nothing must not resolve `weight` / `bias` through BaseTunerLayer (itself)
     weight = None
     bias = None
 
     def __init__(self) -> None:
         super().__init__()
-        self.add_module(self.blocks_attr, nn.ModuleDict())
-        self.merged_adapters: list[str] = []
-        self._disable_adapters = False
-        self._active_adapter: list[str] = []
         self._hooks: dict[str, list[tuple[nn.Module, bool, int]]] = {}
-
-    @property
-    def blocks(self) -> nn.ModuleDict:
-        return self._modules[self.blocks_attr]  # type: ignore[return-value]
 
     # -- adding and removing adapters ----------------------------------------------------------
 
@@ -92,6 +91,12 @@ class HookedPluginLayer(WeightedLayer, nn.Module, BaseTunerLayer):
                 for block in self.blocks[name].modules():
                     if isinstance(block, _HookedBlock):
                         block.cache.clear()
+
+    def remove_from(self, model: nn.Module, name: str) -> None:
+        """Remove every hook of this container from the host layers, then the container itself."""
+        self.remove_hooks()
+        parent, _, attr = name.rpartition(".")
+        delattr(model.get_submodule(parent), attr)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.remove_hooks(adapter_name)
@@ -149,6 +154,8 @@ def _in_list_order(root: nn.Module, selectors: list[str], modules: list) -> list
 class PluginLayer(HookedPluginLayer):
     """Container of a from -> to plugin type: per adapter a ``ModuleList`` with one block per pair."""
 
+    block_base: ClassVar[type] = PluginBlock
+    config_base: ClassVar[type] = HcpPluginConfig
     block_cls: ClassVar[type[PluginBlock]]
 
     def build(self, root: nn.Module, config: Any, modules: list) -> tuple[nn.Module, list[HookSpec]]:
@@ -183,6 +190,8 @@ class PluginLayer(HookedPluginLayer):
 class MultiPluginLayer(HookedPluginLayer):
     """Container of a many -> many plugin type: per adapter one block instance."""
 
+    block_base: ClassVar[type] = MultiPluginBlock
+    config_base: ClassVar[type] = HcpMultiPluginConfig
     block_cls: ClassVar[type[MultiPluginBlock]]
 
     def build(self, root: nn.Module, config: Any, modules: list) -> tuple[nn.Module, list[HookSpec]]:

@@ -1,4 +1,4 @@
-"""``HcpHookedModel``: the PEFT tuner (``BaseTuner``) of the cross-layer plugin kinds.
+"""``HcpHookedModel``: the PEFT tuner (``BaseTuner``) of the cross-layer kinds, and their ``register_*`` decorators.
 
 PEFT's injection loop visits modules by name and replaces targets; these kinds replace nothing. The
 tuner therefore puts its container on the model root in ``_prepare_model`` and makes the container
@@ -9,22 +9,21 @@ from/to selectors are resolved by the container (PEFT's ``target_modules`` never
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from peft_hcp.adapter_keys import BlockKeysMixin
-from peft_hcp.errors import MergeNotSupportedError
-from peft_hcp.hooked.layer import HookedPluginLayer
+from peft_hcp.base.tuner import HcpTuner
+from peft_hcp.hooked.block import MultiPluginBlock, PluginBlock
+from peft_hcp.hooked.layer import HookedPluginLayer, MultiPluginLayer, PluginLayer
+from peft_hcp.registry import ConfigT, generated_type
 
 
-class HcpHookedModel(BlockKeysMixin, BaseTuner):
-    """Attaches one cross-layer plugin type; a subclass per type is made by registration."""
+class HcpHookedModel(HcpTuner):
+    """Attaches one cross-layer plugin type: ``class HcpSkipModel(HcpHookedModel, layer_cls=HcpSkipContainer)``."""
 
-    prefix: str
     tuner_layer_cls: type[HookedPluginLayer]
-    target_module_mapping: dict = {}
 
     @classmethod
     def container_name(cls) -> str:
@@ -33,9 +32,6 @@ class HcpHookedModel(BlockKeysMixin, BaseTuner):
         It must not contain the prefix itself: PEFT's ``delete_adapter`` skips modules whose name does.
         """
         return cls.prefix[:-1]
-
-    def _container(self, model: nn.Module) -> Optional[HookedPluginLayer]:
-        return getattr(model, self.container_name(), None)
 
     def _prepare_adapter_config(self, peft_config: Any, model_config: dict) -> Any:
         working = copy.copy(peft_config)  # never touch the user's (saved) config
@@ -74,35 +70,23 @@ class HcpHookedModel(BlockKeysMixin, BaseTuner):
     ) -> None:
         target.update_layer(adapter_name, peft_config, parent)
 
-    def _remove_container(self) -> None:
-        container = self._container(self.model)
-        if container is not None:
-            container.remove_hooks()
-            delattr(self.model, self.container_name())
+    def _merge_layers(self, safe_merge: bool, adapter_names: Optional[list[str]]) -> None:
+        getattr(self.model, self.container_name()).merge(safe_merge, adapter_names)  # refuses, saying why
 
-    def _unload_and_optionally_merge(
-        self,
-        merge: bool = True,
-        progressbar: bool = False,
-        safe_merge: bool = False,
-        adapter_names: Optional[list[str]] = None,
-    ) -> nn.Module:
-        if merge:
-            raise MergeNotSupportedError(
-                f"{self.tuner_layer_cls.block_cls.__name__} cannot be merged: a cross-layer plugin computes its "
-                "effect from other layers' activations at run time; there is no weight change to fold in. "
-                "Use unload() to remove it."
-            )
-        self._remove_container()
-        if hasattr(self.model, "peft_config"):
-            del self.model.peft_config
-        return self.model
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        """PEFT's ``delete_adapter`` (which removes the adapter's hooks), then drop an emptied container."""
-        super().delete_adapter(adapter_name)
-        container = self._container(self.model)
-        if container is not None and not container.blocks:
-            self._remove_container()
-        if not self.active_adapters and self.peft_config:
-            self.set_adapter(sorted(self.peft_config)[0])
+def register_plugin(type_name: str, block_cls: type[PluginBlock]) -> Callable[[ConfigT], ConfigT]:
+    """Class decorator: make ``config_cls`` (an ``HcpPluginConfig``) + ``block_cls`` the PEFT type ``type_name``.
+
+    Example::
+
+        @register_plugin("hcp_gate", GateBlock)
+        @dataclass
+        class HcpGateConfig(HcpPluginConfig):
+            pass
+    """
+    return generated_type(type_name, block_cls, PluginLayer, HcpHookedModel)
+
+
+def register_multi_plugin(type_name: str, block_cls: type[MultiPluginBlock]) -> Callable[[ConfigT], ConfigT]:
+    """Class decorator: make ``config_cls`` (an ``HcpMultiPluginConfig``) + ``block_cls`` the PEFT type ``type_name``."""
+    return generated_type(type_name, block_cls, MultiPluginLayer, HcpHookedModel)

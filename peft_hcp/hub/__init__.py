@@ -1,6 +1,18 @@
-"""Publishing and loading adapter sets: pipeline-level save/load, the Hub, LoRA interchange formats."""
+"""Publishing and converting adapter sets: the Hub (with model cards) and the community LoRA formats.
 
-from peft_hcp.hub.adapter_set import PLUGIN_COMPONENTS, SetEntry, attach, load_adapter, read_set, save_adapter
+The adapter-set core itself (``attach``, ``save_adapter``, ``load_adapter`` …) lives in
+:mod:`peft_hcp.adapter_set`; it is re-exported here, where it was first documented.
+"""
+
+from peft_hcp.adapter_set import (
+    PLUGIN_COMPONENTS,
+    SetEntry,
+    attach,
+    detach,
+    load_adapter,
+    read_set,
+    save_adapter,
+)
 from peft_hcp.hub.card import render_card
 from peft_hcp.hub.push import push_adapter, push_folder
 
@@ -8,6 +20,7 @@ __all__ = [
     "PLUGIN_COMPONENTS",
     "SetEntry",
     "attach",
+    "detach",
     "load_adapter",
     "push_adapter",
     "push_folder",

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from peft_hcp.hub.adapter_set import SetEntry
+from peft_hcp.adapter_set import SetEntry
 
 TEMPLATE = "adapter_card.md"
 _SELECTOR_FIELDS = ("target_modules", "from_layer", "to_layer", "from_layers", "to_layers", "layers")

@@ -77,7 +77,7 @@ def _pipeline(pretrained_model):
 
 
 def _export(args: argparse.Namespace) -> int:
-    from peft_hcp.hub.adapter_set import load_adapter
+    from peft_hcp.adapter_set import load_adapter
     from peft_hcp.hub.interchange import export_diffusers, export_kohya
 
     def run():
@@ -92,7 +92,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from peft_hcp.hub.adapter_set import save_adapter
+    from peft_hcp.adapter_set import save_adapter
     from peft_hcp.hub.interchange import import_kohya
 
     def run():

@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 
 from huggingface_hub import CommitInfo, HfApi
 
-from peft_hcp.hub.adapter_set import read_set, save_adapter
+from peft_hcp.adapter_set import read_set, save_adapter
 from peft_hcp.hub.card import render_card
 
 SAMPLE_IMAGE = "samples.png"

@@ -23,11 +23,11 @@ from typing import Any, ClassVar, Optional
 
 from torch import nn
 
-from peft_hcp.adapter_weights import WeightedBlock
+from peft_hcp.base.blocks import WeightedBlock
 from peft_hcp.errors import MergeNotSupportedError
 
 
-class PatchPluginBlock(WeightedBlock, nn.Module):
+class PatchPluginBlock(WeightedBlock):
     """One adapter's patch of one module. Subclass it, set ``wrapable_classes``, override the two steps."""
 
     wrapable_classes: ClassVar[tuple[type[nn.Module], ...]] = ()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from peft_hcp.single.config import HcpSingleConfig
+from peft_hcp.single import HcpSingleConfig
 
 
 @dataclass

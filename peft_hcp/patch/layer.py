@@ -1,8 +1,9 @@
 """The containers: PEFT tuner layers that replace a patched module and run its patches.
 
-A container replaces the module in its parent (see :mod:`peft_hcp.host_layer`); each registered patch
-type gets its own container subclass, made by registration, and a second adapter of the same type on
-the same module joins the existing container.
+A container replaces the module in its parent (see :mod:`peft_hcp.base.host_layer`); each patch type
+has its own container subclass (``class HcpPReLUContainer(ReplacePatchContainer, type_name="hcp_prelu",
+block_cls=PReLUPatch)``), and a second adapter of the same type on the same module joins the existing
+container.
 
 How patches combine (the active adapters, in the order of ``active_adapters``):
 
@@ -22,14 +23,17 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Optional
 
+from peft_hcp.base.host_layer import HostLayer
 from peft_hcp.errors import MergeNotSupportedError
-from peft_hcp.host_layer import HostLayer
 from peft_hcp.patch.block import PatchPluginBlock
+from peft_hcp.patch.config import HcpPatchConfig
 
 
 class PatchPluginContainer(HostLayer):
     """Wraps ``base_layer``; runs the active patches around it (chaining, see the module docstring)."""
 
+    block_base: ClassVar[type] = PatchPluginBlock
+    config_base: ClassVar[type] = HcpPatchConfig
     block_cls: ClassVar[type[PatchPluginBlock]]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

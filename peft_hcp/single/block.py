@@ -12,10 +12,11 @@ A block is written as in HCP-Diffusion, and takes one of two routes:
 ``wrapable_classes`` lists the host types the block attaches to; a selector that picks a container
 (an attention module, ``''`` for the whole model) attaches to every such layer inside it.
 
-The constructor receives the host layer and the adapter config. Blocks that can be folded into the
-host's weights implement :meth:`get_delta_weight` (and :meth:`get_delta_bias` when they change the
-bias); blocks that honour a per-adapter weight (diffusers' ``set_adapters(names, weights)``) set
-``supports_scaling = True`` and multiply their effect by ``self.scaling``.
+The constructor receives the host layer and the adapter config. A block that can be folded into its
+host implements :meth:`get_delta_weight` (and :meth:`get_delta_bias` when it changes the bias), or
+:meth:`merged_weight` when the merged weight depends on the host's (DoRA). A block that honours a
+per-adapter weight (diffusers' ``set_adapters(names, weights)``) sets ``supports_scaling = True`` and
+multiplies its effect by ``self.scaling``.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from peft_hcp.adapter_weights import WeightedBlock
+from peft_hcp.base.blocks import WeightedBlock
 from peft_hcp.errors import MergeNotSupportedError
 
 
-class SinglePluginBlock(WeightedBlock, nn.Module):
+class SinglePluginBlock(WeightedBlock):
     """One adapter on one host layer. Subclass it, set ``wrapable_classes``, write ``forward``."""
 
     wrapable_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
@@ -39,11 +40,15 @@ class SinglePluginBlock(WeightedBlock, nn.Module):
         super().__init__()
 
     def get_delta_weight(self) -> torch.Tensor:
-        """The change this block makes to the host's weight, independent of that weight's value."""
+        """The change this block makes to the host's weight, when it does not depend on that weight."""
         raise MergeNotSupportedError(
             f"{type(self).__name__} cannot be merged into its host: it computes its effect from activations "
             "and defines no get_delta_weight(). Keep it unmerged, or unload() it."
         )
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The host weight with this block folded in (``weight`` is the host's current one)."""
+        return weight + self.get_delta_weight().detach().to(weight.dtype).reshape(weight.shape)
 
     def get_delta_bias(self) -> Optional[torch.Tensor]:
         """The change this block makes to the host's bias, or ``None``."""

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Union
 
-from peft_hcp.config import HcpConfig
-from peft_hcp.selectors import parse_selectors
+from peft_hcp.base.config import HcpConfig
 from peft_hcp.wrap import check_exclude_key, normalize_exclude_classes
 
 
@@ -38,21 +37,14 @@ class HcpSingleConfig(HcpConfig):
     exclude_classes: Optional[list[str]] = field(
         default=None, metadata={"help": "Class names (or qualified names) whose modules, children included, are skipped."}
     )
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules besides the plugins to train and save in full (PEFT semantics)."}
-    )
-    init_weights: bool = field(
-        default=True,
-        metadata={"help": "True: start as a no-op (the plugin's identity init). False: random init, for tests."},
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = list(self.target_modules)
         check_exclude_key(self.exclude_key)
         self.exclude_classes = normalize_exclude_classes(self.exclude_classes)
-        for selectors in (self.target_modules, self.exclude_modules):
-            for selector in parse_selectors(selectors):  # fail at construction on a malformed selector
-                if selector.prehook:
-                    raise ValueError(f"Selector {selector.text!r}: {self.prehook_refusal}")
+        for name in ("target_modules", "exclude_modules"):  # one string stays PEFT's regex form
+            self._selector_list(name, one_string_is_list=False)
+
+    def _check_selector(self, field_name: str, selector) -> None:
+        if selector.prehook:
+            raise ValueError(f"Selector {selector.text!r}: {self.prehook_refusal}")

@@ -1,7 +1,8 @@
 """``SinglePluginLayer``: the PEFT tuner layer that wraps a host and runs its plugin blocks.
 
-It replaces the host in its parent (see :mod:`peft_hcp.host_layer`); each registered plugin type
-gets its own subclass, made by registration.
+It replaces the host in its parent (see :mod:`peft_hcp.base.host_layer`). A plugin type has its own
+subclass, which names the type and the block: ``class HcpLoraLayer(SinglePluginLayer, type_name="hcp_lora",
+block_cls=LoraBlock)``.
 """
 
 from __future__ import annotations
@@ -13,13 +14,21 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from peft_hcp.host_layer import HostLayer
+from peft_hcp.base.host_layer import HostLayer
 from peft_hcp.single.block import SinglePluginBlock
+from peft_hcp.single.config import HcpSingleConfig
+
+
+def broken_adapter_error(adapter_name: str) -> ValueError:
+    """PEFT's error for a merge that would put NaNs or infs into the weights (code downstream matches on it)."""
+    return ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
 
 
 class SinglePluginLayer(HostLayer):
     """Wraps ``base_layer``; runs the active adapters' blocks on its output or on its parameter."""
 
+    block_base: ClassVar[type] = SinglePluginBlock
+    config_base: ClassVar[type] = HcpSingleConfig
     block_cls: ClassVar[type[SinglePluginBlock]]
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
@@ -71,26 +80,50 @@ class SinglePluginLayer(HostLayer):
 
     # -- merging -------------------------------------------------------------------------------
 
+    def merged_params(self, adapter_names: list[str]) -> dict[str, torch.Tensor]:
+        """The host's weight (and bias) with ``adapter_names`` folded in, in order; the host is not changed."""
+        host = self.get_base_layer()
+        params: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name in adapter_names:
+                block = self.blocks[name]
+                weight_name = block.hook_param or "weight"
+                weight = params.get(weight_name, getattr(host, weight_name).data)
+                params[weight_name] = block.merged_weight(weight).to(weight.dtype)
+                bias_delta = block.get_delta_bias()
+                if bias_delta is not None:
+                    if getattr(host, "bias", None) is None:
+                        raise ValueError(f"{type(block).__name__} has a bias but its host has none to merge it into.")
+                    params["bias"] = params.get("bias", host.bias.data) + bias_delta.detach().to(host.bias.dtype)
+        return params
+
+    def adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
+        return [name for name in check_adapters_to_merge(self, adapter_names) if name in self.blocks]
+
+    def check_merge(self, adapter_names: Optional[list[str]]) -> None:
+        """Raise PEFT's broken-adapter error, naming the adapter, if merging would give a non-finite value."""
+        names = self.adapters_to_merge(adapter_names)
+        for count, name in enumerate(names, start=1):
+            if not all(torch.isfinite(value).all() for value in self.merged_params(names[:count]).values()):
+                raise broken_adapter_error(name)
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Fold the blocks' deltas into the host's weight (and bias).
+        """Fold the blocks into the host's weight (and bias).
 
         The host's values before the first merge are kept until :meth:`unmerge`, which puts them back
-        exactly: merge-then-unmerge leaves no rounding error in the base model.
+        exactly: merge-then-unmerge leaves no rounding error in the base model. With ``safe_merge`` nothing
+        changes when a merged value would not be finite.
         """
+        if safe_merge:
+            self.check_merge(adapter_names)
+        names = self.adapters_to_merge(adapter_names)
+        params = self.merged_params(names)
         host = self.get_base_layer()
-        for name in check_adapters_to_merge(self, adapter_names):
-            if name not in self.blocks:
-                continue
-            deltas = self._deltas(self.blocks[name], host)
-            if safe_merge:
-                for param_name, delta in deltas.items():
-                    if not torch.isfinite(getattr(host, param_name).data + delta).all():
-                        raise ValueError(f"NaNs or infs detected while merging adapter {name!r}; not merged.")
-            for param_name, delta in deltas.items():
-                data = getattr(host, param_name).data
-                self._weights_before_merge.setdefault(param_name, data.clone())
-                data += delta
-            self.merged_adapters.append(name)
+        for param_name, value in params.items():
+            data = getattr(host, param_name).data
+            self._weights_before_merge.setdefault(param_name, data.clone())
+            data.copy_(value)
+        self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         host = self.get_base_layer()
@@ -99,14 +132,7 @@ class SinglePluginLayer(HostLayer):
         self._weights_before_merge.clear()
         self.merged_adapters.clear()
 
-    @staticmethod
-    def _deltas(block: SinglePluginBlock, host: nn.Module) -> dict[str, torch.Tensor]:
-        merge_param = block.hook_param or "weight"
-        weight = getattr(host, merge_param)
-        deltas = {merge_param: block.get_delta_weight().detach().to(weight.dtype).reshape(weight.shape)}
-        bias_delta = block.get_delta_bias()
-        if bias_delta is not None:
-            if getattr(host, "bias", None) is None:
-                raise ValueError(f"{type(block).__name__} has a bias but its host has none to merge it into.")
-            deltas["bias"] = bias_delta.detach().to(host.bias.dtype)
-        return deltas
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """PEFT's name for the weight change adapter ``adapter_name`` makes."""
+        weight = getattr(self.get_base_layer(), self.blocks[adapter_name].hook_param or "weight").data
+        return self.blocks[adapter_name].merged_weight(weight) - weight

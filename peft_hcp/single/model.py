@@ -1,4 +1,4 @@
-"""``HcpSingleModel``: the PEFT tuner (``BaseTuner``) of single-layer plugins.
+"""``HcpSingleModel``: the PEFT tuner (``BaseTuner``) of single-layer plugins, and ``register_single_plugin``.
 
 Target selection is peft-hcp's own: the selectors are resolved once per adapter against the model
 (:func:`find_hosts`) and PEFT's ``target_modules`` machinery only asks whether a name is among the
@@ -9,15 +9,20 @@ regular expressions; the rewrite lands on a working copy of the config, never on
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Callable, Optional
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import _get_submodules
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from peft_hcp.adapter_keys import BlockKeysMixin
+from peft_hcp.base.tuner import HcpTuner
 from peft_hcp.errors import UnsupportedLayerError
-from peft_hcp.selectors import parse_selectors, resolve, resolve_each, selectable_modules
+from peft_hcp.registry import ConfigT, generated_type
+from peft_hcp.selectors import (
+    parse_selectors,
+    resolve,
+    resolve_each,
+    selectable_modules,
+)
 from peft_hcp.single.block import SinglePluginBlock
 from peft_hcp.single.config import HcpSingleConfig
 from peft_hcp.single.layer import SinglePluginLayer
@@ -89,12 +94,10 @@ def _self_and_ancestors(name: str) -> list[str]:
     return names
 
 
-class HcpSingleModel(BlockKeysMixin, BaseTuner):
-    """Attaches one single-layer plugin type; a subclass per type is made by registration."""
+class HcpSingleModel(HcpTuner):
+    """Attaches one single-layer plugin type: ``class LoraModel(HcpSingleModel, layer_cls=LoraLayer)``."""
 
-    prefix: str
     tuner_layer_cls: type[SinglePluginLayer]
-    target_module_mapping: dict = {}
 
     def _prepare_adapter_config(self, peft_config: HcpSingleConfig, model_config: dict) -> HcpSingleConfig:
         return copy.copy(peft_config)  # PEFT may rewrite target_modules on what we return: keep the user's intact
@@ -122,37 +125,29 @@ class HcpSingleModel(BlockKeysMixin, BaseTuner):
             return
         self._replace_module(parent, target_name, self.tuner_layer_cls(target, adapter_name, peft_config), target)
 
-    def _own_layers(self) -> list[tuple[str, SinglePluginLayer]]:
-        """This type's tuner layers, nested ones included (another type's layer may wrap one)."""
-        return [(name, m) for name, m in self.model.named_modules() if isinstance(m, self.tuner_layer_cls)]
+    def _merge_layers(self, safe_merge: bool, adapter_names: Optional[list[str]]) -> None:
+        """Merge every layer, or (``safe_merge``) none when one of them would get a non-finite weight."""
+        self._check_merge_allowed()
+        layers = [layer for _, layer in self._own_layers()]
+        if safe_merge:
+            for layer in layers:
+                layer.check_merge(adapter_names)
+        for layer in layers:
+            layer.merge(adapter_names=adapter_names)
 
-    def _unwrap(self, name: str, layer: SinglePluginLayer) -> None:
-        parent, _, attr = _get_submodules(self.model, name)
-        setattr(parent, attr, layer.base_layer)
 
-    def _unload_and_optionally_merge(
-        self,
-        merge: bool = True,
-        progressbar: bool = False,
-        safe_merge: bool = False,
-        adapter_names: Optional[list[str]] = None,
-    ) -> nn.Module:
-        if merge:
-            self._check_merge_allowed()
-        for name, layer in reversed(self._own_layers()):  # inner layers first: names stay valid
-            if merge:
-                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-            self._unwrap(name, layer)
-        if hasattr(self.model, "peft_config"):
-            del self.model.peft_config
-        return self.model
+def register_single_plugin(type_name: str, block_cls: type[SinglePluginBlock]) -> Callable[[ConfigT], ConfigT]:
+    """Class decorator that makes ``config_cls`` + ``block_cls`` the PEFT type ``type_name``.
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        """PEFT's ``delete_adapter``, then unwrap layers left without adapters, restoring the host."""
-        super().delete_adapter(adapter_name)
-        for name, layer in reversed(self._own_layers()):
-            if not layer.blocks:
-                self._unwrap(name, layer)
-        if not self.active_adapters and self.peft_config:
-            # PEFT takes the new active adapter from the first layer it meets, which may hold none
-            self.set_adapter(sorted(self.peft_config)[0])
+    Example::
+
+        @register_single_plugin("hcp_scale", ScaleBlock)
+        @dataclass
+        class HcpScaleConfig(HcpSingleConfig):
+            init_gain: float = 0.0
+
+    After that, ``get_peft_model(model, HcpScaleConfig(target_modules=[...]))`` works and the adapter
+    saves and loads with PEFT's tooling (in a fresh process, once the defining module is imported). The
+    type's layer and tuner classes are generated (see :func:`peft_hcp.registry.generated_type`).
+    """
+    return generated_type(type_name, block_cls, SinglePluginLayer, HcpSingleModel)

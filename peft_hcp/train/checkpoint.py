@@ -4,8 +4,9 @@ Layout of ``<output_dir>/checkpoints/step-000020/``: the adapters as a peft-hcp 
 (``peft_hcp.hub``: one PEFT adapter folder per plugin entry, e.g. ``unet/lora1/adapter_config.json`` +
 ``adapter_model.safetensors``, plus ``adapter_set.json``), ``optimizer.safetensors`` (the optimizer's
 tensors) and ``train_state.json`` (step, optimizer scalars). The folder appears under its final name
-only when complete (``os.replace`` of ``.tmp-step-...``), so an interrupted run leaves the previous
-checkpoint intact and resuming never sees a half-written one.
+only when complete and on disk (files and folder fsynced, then ``os.replace`` of ``.tmp-step-...``); a
+step saved again swaps the new folder in before the old one is deleted. An interrupted run therefore
+leaves the previous checkpoint intact, and resuming never sees a half-written one.
 """
 
 from __future__ import annotations
@@ -17,18 +18,15 @@ import shutil
 from typing import Optional
 
 import torch
-from peft import set_peft_model_state_dict
-from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import save_file
 
+from peft_hcp.adapter_set import load_adapter_weights, read_set, save_adapter
+from peft_hcp.base.files import read_safetensors
 from peft_hcp.errors import CheckpointError
-from peft_hcp.hub import read_set, save_adapter
 
 STATE_NAME = "train_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
 _STEP_DIR = re.compile(r"step-(\d+)")
-_PEFT_PREFIX = "base_model.model."
 
 
 def checkpoint_dir(output_dir: str, step: int) -> str:
@@ -46,10 +44,33 @@ def save_checkpoint(pipe, output_dir: str, step: int, optimizer: torch.optim.Opt
     save_file(tensors, os.path.join(tmp, OPTIMIZER_NAME))
     with open(os.path.join(tmp, STATE_NAME), "w", encoding="utf-8") as handle:
         json.dump({"step": step, "optimizer": scalars, **extra}, handle, indent=2)
-    if os.path.exists(final):
-        shutil.rmtree(final)
+    _fsync_tree(tmp)
+    aside = None
+    if os.path.exists(final):  # swap: the old folder moves aside and goes only once the new one is in
+        aside = os.path.join(os.path.dirname(final), ".old-" + os.path.basename(final))
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
     os.replace(tmp, final)
+    _fsync(os.path.dirname(final))
+    if aside is not None:
+        shutil.rmtree(aside)
     return final
+
+
+def _fsync(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(folder: str) -> None:
+    """Flush every file and folder under ``folder`` to disk, so a rename never publishes unwritten data."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
@@ -86,22 +107,10 @@ def load_checkpoint(pipe, folder: str, optimizer: torch.optim.Optimizer) -> int:
             "use a new output_dir (or resume=false) after changing the plugins."
         )
     for entry in saved:
-        _load_weights(components[entry.component], entry.name, os.path.join(folder, entry.subfolder))
+        load_adapter_weights(components[entry.component], entry.name, os.path.join(folder, entry.subfolder))
     state = read_state(folder)
-    _unflatten_optimizer(optimizer, load_file(os.path.join(folder, OPTIMIZER_NAME)), state["optimizer"])
+    _unflatten_optimizer(optimizer, read_safetensors(os.path.join(folder, OPTIMIZER_NAME)), state["optimizer"])
     return int(state["step"])
-
-
-def _load_weights(module: nn.Module, name: str, folder: str) -> None:
-    weights = load_file(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))
-    weights = {k[len(_PEFT_PREFIX) :] if k.startswith(_PEFT_PREFIX) else k: v for k, v in weights.items()}
-    result = set_peft_model_state_dict(module, weights, adapter_name=name)
-    missing = [k for k in result.missing_keys if f".{name}." in k or k.endswith(f".{name}")]
-    if result.unexpected_keys or missing:
-        raise CheckpointError(
-            f"{folder}: weights do not fit adapter {name!r} (unexpected {list(result.unexpected_keys)[:3]}, "
-            f"missing {missing[:3]})."
-        )
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

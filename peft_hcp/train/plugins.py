@@ -33,8 +33,8 @@ from peft import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from torch import nn
 
-from peft_hcp.config import HcpConfig
-from peft_hcp.hub import attach
+from peft_hcp.adapter_set import attach
+from peft_hcp.base.config import HcpConfig
 
 #: Config sections and the pipeline component each one adapts.
 SECTIONS = {"plugin_unet": "unet", "plugin_TE": "text_encoder"}

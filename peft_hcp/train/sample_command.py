@@ -74,10 +74,10 @@ def sample(adapter: str, settings: dict) -> list[str]:
     from PIL import Image
 
     import peft_hcp  # noqa: F401  (registers the bundled plugin types)
-    from peft_hcp.hub import load_adapter
+    from peft_hcp.adapter_set import load_adapter
+    from peft_hcp.embedded.pipeline import default_resolution, load_pipeline
     from peft_hcp.train.checkpoint import STATE_NAME
     from peft_hcp.train.data import to_tensor
-    from peft_hcp.embedded.pipeline import default_resolution, load_pipeline
     from peft_hcp.train.sampling import adapters_enabled, grid, needs_condition, render
 
     if not os.path.isdir(adapter):

@@ -23,10 +23,14 @@ from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from peft_hcp.hooked import feed
-from peft_hcp.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from peft_hcp.train.data import batch_indices, collate, make_dataset
 from peft_hcp.embedded.pipeline import default_resolution, load_pipeline
+from peft_hcp.hooked import feed
+from peft_hcp.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from peft_hcp.train.data import batch_indices, collate, make_dataset
 from peft_hcp.train.plugins import SECTIONS, PluginEntry, attach_plugins, parse_section
 from peft_hcp.train.sampling import needs_condition, sample_grid
 

@@ -1,4 +1,4 @@
-"""Finding the LoRA-family plugin blocks of a model, by host layer, for export."""
+"""Finding the low-rank plugin blocks of a model, by host layer, for export."""
 
 from __future__ import annotations
 
@@ -7,24 +7,21 @@ from typing import Iterator, Optional
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from peft_hcp.adapters.loha import LohaBlock
-from peft_hcp.adapters.lora import LoraBlock
 from peft_hcp.selectors import selectable_modules
-from peft_hcp.single.layer import SinglePluginLayer
-
-LOWRANK_BLOCKS = (LoraBlock, LohaBlock)
+from peft_hcp.single import SinglePluginLayer
+from peft_hcp.single.lowrank import LowRankBlock
 
 
 def lowrank_blocks(
     model: nn.Module, adapter_names: Optional[list[str]] = None
-) -> Iterator[tuple[str, str, nn.Module]]:
-    """``(host module name, adapter name, block)`` for every LoRA/LoHa block, stacked wrappers included."""
+) -> Iterator[tuple[str, str, LowRankBlock]]:
+    """``(host module name, adapter name, block)`` for every low-rank block, stacked wrappers included."""
     for name, module in selectable_modules(model):
         layer = module
         while isinstance(layer, BaseTunerLayer):
             if isinstance(layer, SinglePluginLayer):
                 for adapter, block in layer.blocks.items():
-                    if isinstance(block, LOWRANK_BLOCKS) and (adapter_names is None or adapter in adapter_names):
+                    if isinstance(block, LowRankBlock) and (adapter_names is None or adapter in adapter_names):
                         yield name, adapter, block
             layer = layer.base_layer
 

@@ -1,4 +1,4 @@
-"""Saving and loading every adapter of a model or pipeline as one *adapter set*.
+"""The adapter-set core: several plugin kinds in place on one model, saved and loaded as one *adapter set*.
 
 PEFT's ``PeftModel`` holds adapters of one type, and ``PeftMixedModel`` refuses custom types, so a
 model that carries several plugin kinds at once (a LoRA on attention, a ControlNet plugin, a patch)
@@ -32,14 +32,21 @@ from typing import Optional, Union
 
 from diffusers import ModelMixin
 from huggingface_hub import snapshot_download
-from peft import PeftConfig, PeftModel, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft import (
+    PeftConfig,
+    PeftModel,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.tuners.tuners_utils import BaseTunerLayer, set_adapter
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from peft_hcp.checkpoint import check_adapter_folder
+from peft_hcp.base.blocks import BlockLayer
+from peft_hcp.base.files import check_adapter_folder, read_safetensors
 from peft_hcp.errors import CheckpointError
 
 MANIFEST_NAME = "adapter_set.json"
@@ -133,8 +140,12 @@ def read_set(folder: str) -> list[SetEntry]:
 
 
 def _peft_type_of(folder: str) -> str:
-    with open(os.path.join(folder, CONFIG_NAME), encoding="utf-8") as handle:
-        return json.load(handle).get("peft_type", "")
+    path = os.path.join(folder, CONFIG_NAME)
+    with open(path, encoding="utf-8") as handle:
+        peft_type = json.load(handle).get("peft_type")
+    if not isinstance(peft_type, str) or not peft_type:
+        raise CheckpointError(f"{path} has no 'peft_type': it does not say which adapter type it configures.")
+    return peft_type
 
 
 def resolve_source(
@@ -182,7 +193,7 @@ def load_adapter(
         _load_one(module, entry, os.path.join(folder, entry.subfolder) if entry.subfolder else folder, is_trainable)
     for module in {id(m): m for _, m in placed}.values():
         loaded = [e.name for e, m in placed if m is module]
-        previous = _active_adapters(module)
+        previous = active_adapters(module)
         set_adapter(module, list(dict.fromkeys(previous + loaded)), inference_mode=not is_trainable)
     return [entry for entry, _ in placed]
 
@@ -225,8 +236,7 @@ def _place(entries: list[SetEntry], components: dict[str, nn.Module]) -> list[tu
 
 def _load_one(module: nn.Module, entry: SetEntry, folder: str, is_trainable: bool) -> None:
     check_adapter_folder(folder)
-    weights_path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
-    if not os.path.isfile(weights_path):
+    if not os.path.isfile(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)):
         raise CheckpointError(f"{folder} has no {SAFETENSORS_WEIGHTS_NAME}.")
     if isinstance(module, PeftModel):
         module.load_adapter(folder, adapter_name=entry.name, is_trainable=is_trainable)
@@ -243,11 +253,25 @@ def _load_one(module: nn.Module, entry: SetEntry, folder: str, is_trainable: boo
     config: PeftConfig = config_cls.from_pretrained(folder)
     config.inference_mode = not is_trainable
     attach(module, config, entry.name)
-    result = set_peft_model_state_dict(module, load_file(weights_path), adapter_name=entry.name)
+    try:
+        load_adapter_weights(module, entry.name, folder)
+    except Exception:
+        detach(module, entry.name)
+        raise
+
+
+def load_adapter_weights(module: nn.Module, adapter_name: str, folder: str) -> None:
+    """Load a PEFT adapter folder's weights into adapter ``adapter_name``, already attached in place.
+
+    Strict: peft-hcp tuners refuse missing, unknown and mis-shaped weights (naming them); weights that no
+    adapter layer claims are refused here.
+    """
+    weights = read_safetensors(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))
+    result = set_peft_model_state_dict(module, weights, adapter_name=adapter_name)
     unexpected = list(result.unexpected_keys)
     if unexpected:
         raise CheckpointError(
-            f"{folder}: the checkpoint has weights this model's adapter {entry.name!r} does not have: "
+            f"{folder}: the checkpoint has weights this model's adapter {adapter_name!r} does not have: "
             f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
         )
 
@@ -256,24 +280,66 @@ def attach(module: nn.Module, config: PeftConfig, adapter_name: str) -> None:
     """Inject a new adapter into ``module`` in place and record it in ``module.peft_config``.
 
     diffusers models go through their own ``add_adapter``; other models (a transformers text encoder)
-    get the same bookkeeping, which diffusers' pipeline ``set_adapters``/``delete_adapters`` read.
+    get the same bookkeeping, which diffusers' pipeline ``set_adapters``/``delete_adapters`` read. The
+    adapters active before stay active. A refused attach leaves ``module`` as it was.
     """
-    with warnings.catch_warnings():  # several adapters on one model is the point here
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        if isinstance(module, ModelMixin):
-            active = _active_adapters(module)
-            module.add_adapter(config, adapter_name)
-            if active:
-                set_adapter(module, active + [adapter_name], inference_mode=config.inference_mode)
-            return
-        inject_adapter_in_model(config, module, adapter_name)
-    if not isinstance(getattr(module, "peft_config", None), dict):
-        module.peft_config = {}
-    module.peft_config[adapter_name] = config
-    module._hf_peft_config_loaded = True
+    active = active_adapters(module)
+    had_config = isinstance(getattr(module, "peft_config", None), dict)
+    trainable = {name: p.requires_grad for name, p in module.named_parameters()}
+    try:
+        with warnings.catch_warnings():  # several adapters on one model is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            if isinstance(module, ModelMixin):
+                module.add_adapter(config, adapter_name)
+            else:
+                inject_adapter_in_model(config, module, adapter_name)
+                if not isinstance(getattr(module, "peft_config", None), dict):
+                    module.peft_config = {}
+                module.peft_config[adapter_name] = config
+                module._hf_peft_config_loaded = True
+    except Exception:
+        _remove_layers_of(module, adapter_name)
+        if had_config:
+            module.peft_config.pop(adapter_name, None)
+        else:
+            _drop_peft_bookkeeping(module)
+        for name, param in module.named_parameters():
+            param.requires_grad_(trainable.get(name, param.requires_grad))
+        raise
+    if active:
+        set_adapter(module, active + [adapter_name], inference_mode=config.inference_mode)
 
 
-def _active_adapters(module: nn.Module) -> list[str]:
+def detach(module: nn.Module, adapter_name: str) -> None:
+    """Remove adapter ``adapter_name`` attached in place by :func:`attach`, putting the hosts back."""
+    _remove_layers_of(module, adapter_name)
+    module.peft_config.pop(adapter_name, None)
+    if not module.peft_config:
+        _drop_peft_bookkeeping(module)
+
+
+def _remove_layers_of(module: nn.Module, adapter_name: str) -> None:
+    """Delete ``adapter_name`` from every tuner layer of ``module``; peft-hcp layers left empty are removed."""
+    for name, layer in reversed(list(module.named_modules())):
+        if not isinstance(layer, BaseTunerLayer) or adapter_name not in _layer_adapters(layer):
+            continue
+        layer.delete_adapter(adapter_name)
+        if isinstance(layer, BlockLayer) and not layer.blocks:
+            layer.remove_from(module, name)
+
+
+def _layer_adapters(layer: BaseTunerLayer) -> set[str]:
+    return {name for attr in layer.adapter_layer_names for name in getattr(layer, attr, {})}
+
+
+def _drop_peft_bookkeeping(module: nn.Module) -> None:
+    if "peft_config" in module.__dict__:
+        del module.peft_config
+    module._hf_peft_config_loaded = False
+
+
+def active_adapters(module: nn.Module) -> list[str]:
+    """The active adapters of a model adapted in place (those of its first tuner layer)."""
     for layer in module.modules():
         if isinstance(layer, BaseTunerLayer):
             return list(layer.active_adapters)
@@ -284,8 +350,11 @@ __all__ = [
     "MANIFEST_NAME",
     "PLUGIN_COMPONENTS",
     "SetEntry",
+    "active_adapters",
     "attach",
+    "detach",
     "load_adapter",
+    "load_adapter_weights",
     "plugin_components",
     "read_set",
     "resolve_source",

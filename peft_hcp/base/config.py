@@ -1,9 +1,10 @@
-"""The base of every peft-hcp config class."""
+"""``HcpConfig``: the base of every peft-hcp config, with the fields all plugin kinds share."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from typing import ClassVar, Optional
 
 from huggingface_hub import hf_hub_download
@@ -11,22 +12,33 @@ from huggingface_hub.errors import EntryNotFoundError
 from peft import PeftConfig
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 
-from peft_hcp import __version__
-from peft_hcp.checkpoint import check_adapter_folder, check_safetensors_file
+from peft_hcp.base.files import check_adapter_folder, check_safetensors_file
 from peft_hcp.errors import CheckpointError
 from peft_hcp.registry import peft_type_for
+from peft_hcp.selectors import parse_selectors
+
+#: The installed peft-hcp version, recorded in every saved config and exported file.
+PEFT_HCP_VERSION = version("peft-hcp")
 
 
 @dataclass
 class HcpConfig(PeftConfig):
     """Fields and loading rules shared by all peft-hcp adapter configs.
 
-    A concrete config is bound to its tuner type by registration (``type_name``); its ``peft_type`` is
-    set from that and cannot be chosen by the caller or by a loaded file.
+    A concrete config is bound to its tuner type by registration (``type_name``, ``plugin_cls``); its
+    ``peft_type`` is set from that and cannot be chosen by the caller or by a loaded file.
     """
 
     type_name: ClassVar[str]
+    plugin_cls: ClassVar[type]
 
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules besides the plugins to train and save in full (PEFT semantics)."}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: start as a no-op (the plugin's identity init). False: random init, for tests."},
+    )
     peft_hcp_version: Optional[str] = field(
         default=None, metadata={"help": "peft-hcp version that wrote the config; `import peft_hcp` to load it."}
     )
@@ -38,7 +50,19 @@ class HcpConfig(PeftConfig):
             raise TypeError(f"{type(self).__name__} is not registered as a peft-hcp type; register it before use.")
         self.peft_type = peft_type_for(name)
         if self.peft_hcp_version is None:
-            self.peft_hcp_version = __version__
+            self.peft_hcp_version = PEFT_HCP_VERSION
+
+    def _selector_list(self, name: str, one_string_is_list: bool = True) -> None:
+        """Normalise the selector field ``name`` to a list and parse it, so a malformed selector fails here."""
+        value = getattr(self, name)
+        if isinstance(value, (set, tuple)) or (one_string_is_list and isinstance(value, str)):
+            value = [value] if isinstance(value, str) else list(value)
+            setattr(self, name, value)
+        for selector in parse_selectors(value):
+            self._check_selector(name, selector)
+
+    def _check_selector(self, field_name: str, selector) -> None:
+        """Refuse a selector this kind cannot act on (overridden per kind)."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

@@ -1,0 +1,97 @@
+"""Block bookkeeping: the PEFT tuner layer that holds one plugin block (or module of blocks) per adapter.
+
+Every peft-hcp tuner layer keeps its blocks in a ``ModuleDict`` named ``<type>_blocks`` keyed by adapter
+name (PEFT's ``adapter_layer_names``), so a state-dict key reads ``...<type>_blocks.<adapter>.<param>``.
+A concrete layer class names its type and block in its class statement::
+
+    class HcpLoraLayer(SinglePluginLayer, type_name="hcp_lora", block_cls=LoraBlock):
+        ...
+
+Adapter weights (diffusers' ``set_adapters(names, weights)``, a pipeline's LoRA scale) are routed here
+too: diffusers calls ``set_scale(adapter, weight)`` on every tuner layer, and ``scale_layer`` /
+``unscale_layer`` around a pipeline call given a LoRA scale. A block that can weight its effect sets
+``supports_scaling`` and multiplies by ``self.scaling``; one that cannot refuses an explicit weight other
+than 1.0, and is skipped by a pipeline-wide LoRA scale (meant for the LoRA-like adapters beside it).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+
+class WeightedBlock(nn.Module):
+    """Base of every plugin block: ``scaling`` is ``base_scaling`` (the trained strength) times the weight."""
+
+    supports_scaling: ClassVar[bool] = False
+    base_scaling: float = 1.0
+    scaling: float = 1.0
+
+    def set_scale(self, scale: float) -> None:
+        """Weight this block's effect by ``scale`` relative to its trained strength."""
+        if not self.supports_scaling:
+            if scale != 1.0:
+                raise ValueError(f"{type(self).__name__} does not support adapter weights other than 1.0.")
+            return
+        self.scaling = self.base_scaling * float(scale)
+
+
+class BlockLayer(nn.Module, BaseTunerLayer):
+    """A PEFT tuner layer holding the blocks of one plugin type, keyed by adapter name."""
+
+    type_name: ClassVar[str]
+    block_cls: ClassVar[type[nn.Module]]
+    blocks_attr: ClassVar[str]
+    #: the block and config base classes of this kind; a type's classes must derive from them
+    block_base: ClassVar[type[nn.Module]] = WeightedBlock
+    config_base: ClassVar[type]
+
+    def __init_subclass__(cls, *, type_name: Optional[str] = None, block_cls: Optional[type] = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if type_name is not None:
+            cls.type_name = type_name
+            cls.blocks_attr = f"{type_name}_blocks"
+            cls.adapter_layer_names = (cls.blocks_attr,)
+        if block_cls is not None:
+            if not (isinstance(block_cls, type) and issubclass(block_cls, cls.block_base)):
+                raise TypeError(f"{block_cls!r} is not a {cls.block_base.__name__} subclass.")
+            if hasattr(block_cls, "wrapable_classes") and not block_cls.wrapable_classes:
+                raise TypeError(f"{block_cls.__name__}.wrapable_classes is empty: say which module types it attaches to.")
+            cls.block_cls = block_cls
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_module(self.blocks_attr, nn.ModuleDict())
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self._active_adapter: list[str] = []
+
+    def remove_from(self, model: nn.Module, name: str) -> None:
+        """Take this layer (called ``name`` in ``model``) out, restoring what it replaced: per kind."""
+        raise NotImplementedError
+
+    @property
+    def blocks(self) -> nn.ModuleDict:
+        """This layer's plugin blocks, keyed by adapter name."""
+        return self._modules[self.blocks_attr]  # type: ignore[return-value]
+
+    def _blocks_of(self, adapter_name: str) -> list[WeightedBlock]:
+        """The weighted blocks of ``adapter_name`` here (a kind may hold several per adapter)."""
+        return [self.blocks[adapter_name]] if adapter_name in self.blocks else []
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        for block in self._blocks_of(adapter):
+            block.set_scale(scale)
+
+    def scale_layer(self, scale: float) -> None:
+        for block in self._scalable_active_blocks():
+            block.set_scale(block.scaling / block.base_scaling * scale)
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        for block in self._scalable_active_blocks():
+            block.set_scale(1.0 if scale is None else block.scaling / block.base_scaling / scale)
+
+    def _scalable_active_blocks(self) -> list[WeightedBlock]:
+        return [b for name in self.active_adapters for b in self._blocks_of(name) if b.supports_scaling]

@@ -1,0 +1,47 @@
+"""Reading adapter files: safetensors only, and whole, with errors that name the file.
+
+PEFT falls back to ``adapter_model.bin`` (a pickle) when a folder has no safetensors file; peft-hcp
+refuses it unread. ``safetensors.safe_open`` validates the whole header (offsets, shapes, coverage of the
+file) when it opens a file; its terse ``SafetensorError`` is re-raised as a :class:`CheckpointError`
+that names the file.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from safetensors import SafetensorError, safe_open
+
+from peft_hcp.errors import CheckpointError
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of the safetensors file ``path``; a truncated or malformed file is a ``CheckpointError``."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path} is truncated or not a valid safetensors file: {exc}") from exc
+
+
+def check_safetensors_file(path: str) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is a complete safetensors file (reads only its header)."""
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path} is truncated or not a valid safetensors file: {exc}") from exc
+
+
+def check_adapter_folder(folder: str) -> None:
+    """Validate a local adapter folder: a complete safetensors file, never a pickle."""
+    weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+    if os.path.isfile(weights):
+        check_safetensors_file(weights)
+    elif os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+        raise CheckpointError(
+            f"{folder} holds only {WEIGHTS_NAME}, a pickle; peft-hcp loads weights from "
+            f"{SAFETENSORS_WEIGHTS_NAME} only. Convert it where you trust its origin."
+        )
