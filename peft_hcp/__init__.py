@@ -9,7 +9,6 @@ __version__ = "0.1.0"
 from peft_hcp.adapters.loha import HcpLohaConfig, LohaBlock
 from peft_hcp.adapters.lora import HcpLoraConfig, LoraBlock
 from peft_hcp.adapters.prelu import HcpPReLUConfig, PReLUPatch
-from peft_hcp.adapters.controlnet import ControlNetPlugin, HcpControlNetConfig
 from peft_hcp.adapters.skip import HcpSkipConfig, SkipBlock
 from peft_hcp.errors import (
     CheckpointError,
@@ -37,6 +36,8 @@ from peft_hcp.single.block import SinglePluginBlock
 from peft_hcp.single.config import HcpSingleConfig
 from peft_hcp.single.register import register_single_plugin
 from peft_hcp.wrap import wrap_model
+# the ControlNet plugins import the core names above from this package, so they come last
+from peft_hcp.adapters.controlnet import ControlNetPlugin, HcpControlNetConfig
 
 __all__ = [
     "load_adapter",

@@ -1,0 +1,210 @@
+"""What the ControlNet plugins share: the base block, clean copies of host modules, and the attach guard.
+
+:class:`ControlNetBase` is the many -> many block every ControlNet plugin derives from. It owns what is the
+same for a UNet, SD3 and Flux: the condition taken through ``peft_hcp.feed(model, cond=...)`` (a batch that
+divides the model's batch is repeated, as for classifier-free guidance), the record of the host call's
+arguments, zero (or, for tests, small random) initialisation of the outputs, and the bridge to the
+matching diffusers ControlNet class: a block knows that class's config for its host and the name of each
+of its weights there, so exporting and importing are state-dict renames (:mod:`.controlnet_bridge`).
+
+:func:`guard_attach` makes a plugin type refuse an unsupported host before PEFT adds anything to the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+from diffusers import ModelMixin
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from peft_hcp import MultiPluginBlock, Target
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def clean_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` without its forward hooks and with PEFT tuner layers unwrapped to their base."""
+    saved = [(m, {attr: m.__dict__[attr] for attr in _HOOK_DICTS}) for m in module.modules()]
+    for m, _ in saved:
+        for attr in _HOOK_DICTS:
+            m.__dict__[attr] = OrderedDict()
+    try:
+        clone = copy.deepcopy(module)
+    finally:
+        for m, hooks in saved:
+            m.__dict__.update(hooks)
+    if isinstance(clone, BaseTunerLayer):
+        return clone.get_base_layer()
+    done: list[str] = []
+    for name, sub in list(clone.named_modules()):
+        if name and isinstance(sub, BaseTunerLayer) and not any(name.startswith(d + ".") for d in done):
+            parent, _, attr = name.rpartition(".")
+            setattr(clone.get_submodule(parent), attr, sub.get_base_layer())
+            done.append(name)
+    return clone
+
+
+def base_module(target: Target) -> nn.Module:
+    """The selected module itself, or the base layer of a PEFT tuner layer wrapping it."""
+    return target.module.get_base_layer() if isinstance(target.module, BaseTunerLayer) else target.module
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_comparable(v) for v in value]
+    return value
+
+
+class ControlNetBase(MultiPluginBlock):
+    """A ControlNet as a many -> many plugin; subclasses copy a host architecture and say how it maps to diffusers.
+
+    Subclasses set ``diffusers_class`` and ``plugin_fields`` (their config fields, named as in that class's
+    config) and implement :meth:`check_host` and :meth:`diffusers_config`; :meth:`diffusers_key` renames
+    a weight where the plugin's module names differ from the diffusers class's.
+    """
+
+    input_keys = ("cond",)
+    call_keys: ClassVar[tuple[str, ...]] = ()
+    diffusers_class: ClassVar[type[ModelMixin]]
+    plugin_fields: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def check_host(cls, host: nn.Module, config: Any) -> None:
+        """Raise ``UnsupportedLayerError`` (naming the host type and what it lacks) unless ``config`` fits ``host``."""
+        raise NotImplementedError
+
+    @classmethod
+    def diffusers_config(cls, host_config: dict, config: Any) -> dict:
+        """The ``diffusers_class`` config of this plugin on a host with ``host_config``."""
+        raise NotImplementedError
+
+    @classmethod
+    def config_values(cls, controlnet_config: dict) -> dict:
+        """The plugin config fields of a diffusers ControlNet with ``controlnet_config``."""
+        return {name: _comparable(controlnet_config[name]) for name in cls.plugin_fields}
+
+    @classmethod
+    def check_fits(cls, host: nn.Module, config: Any, controlnet_config: dict) -> None:
+        """Refuse a diffusers ControlNet whose config differs from the one this plugin has on ``host``."""
+        cls.check_host(host, config)
+        expected = cls.diffusers_config(dict(host.config), config)
+        differ = [
+            f"{key}: ControlNet {_comparable(controlnet_config.get(key))!r}, plugin on this host {_comparable(value)!r}"
+            for key, value in expected.items()
+            if _comparable(controlnet_config.get(key)) != _comparable(value)
+        ]
+        if differ:
+            raise ValueError(
+                f"This {cls.diffusers_class.__name__} was not made for a {type(host).__name__} like this one; "
+                + "; ".join(differ)
+            )
+
+    def __init__(self, from_layers: list[Target], to_layers: list[Target], host: nn.Module, config: Any) -> None:
+        super().__init__(from_layers, to_layers, host, config)
+        self._arg_names = list(inspect.signature(host.forward).parameters)
+        self._diffusers_config = self.diffusers_config(dict(host.config), config)
+        self._init_weights = config.init_weights
+
+    # -- building ------------------------------------------------------------------------------
+
+    def init_zero(self, modules: Iterable[nn.Module]) -> None:
+        """Zero the parameters of ``modules`` (the no-op start); small random values with ``init_weights=False``."""
+        for module in modules:
+            for param in module.parameters():
+                nn.init.zeros_(param) if self._init_weights else nn.init.normal_(param, std=0.02)
+
+    # -- running -------------------------------------------------------------------------------
+
+    def remember_call(self, args: tuple, kwargs: dict) -> None:
+        """Keep the host call's ``call_keys`` arguments, given by position or keyword."""
+        call = dict(zip(self._arg_names, args), **kwargs)
+        self.cache["call"] = {key: call.get(key) for key in self.call_keys}
+
+    def recorded_call(self) -> dict:
+        if "call" not in self.cache:
+            raise RuntimeError(
+                f"{type(self).__name__}: from-layer {self.from_names[0]!r} (the host call) did not run before "
+                f"{self.from_names[1]!r}."
+            )
+        return self.cache["call"]
+
+    def condition(self, batch: int, check: Callable[[torch.Tensor], Optional[str]]) -> torch.Tensor:
+        """The fed ``cond`` repeated to ``batch``; ``check`` returns what is wrong with its shape, or ``None``."""
+        cond = self.require_input("cond")
+        problem = check(cond)
+        if problem:
+            raise ValueError(f"{type(self).__name__}: the fed 'cond' {problem}.")
+        if cond.shape[0] != batch:
+            if batch % cond.shape[0]:
+                raise ValueError(f"The fed 'cond' has batch {cond.shape[0]}, which does not divide the model's batch {batch}.")
+            cond = cond.repeat(batch // cond.shape[0], *([1] * (cond.ndim - 1)))
+        return cond
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # -- diffusers bridge ----------------------------------------------------------------------
+
+    def diffusers_key(self, key: str) -> str:
+        """The name of the plugin weight ``key`` in ``diffusers_class``."""
+        return key
+
+    def to_diffusers(self) -> ModelMixin:
+        """A ``diffusers_class`` model holding this plugin's weights."""
+        model = self.diffusers_class(**self._diffusers_config)
+        state = {self.diffusers_key(k): v for k, v in self.state_dict().items()}
+        model.load_state_dict(state, strict=True)
+        return (model if model.dtype == self.dtype else model.to(self.dtype)).eval()
+
+    def load_diffusers(self, controlnet: ModelMixin) -> None:
+        """Take the weights of ``controlnet``, a ``diffusers_class`` model made for this host."""
+        names = {self.diffusers_key(k): k for k in self.state_dict()}
+        state = controlnet.state_dict()
+        missing, unexpected = sorted(set(names) - set(state)), sorted(set(state) - set(names))
+        if missing or unexpected:
+            raise ValueError(
+                f"{type(controlnet).__name__} does not fit {type(self).__name__} (adapter {self.adapter_name!r}): "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}."
+            )
+        self.load_state_dict({names[k]: v for k, v in state.items()}, strict=True)
+
+
+def guard_attach(config_cls: type) -> type:
+    """Class decorator, above the registration: check the host before anything is attached.
+
+    The hooked tuner adds its container to the model before the block sees the host, so a block's refusal
+    alone would leave that container behind. This runs the block class's ``check_host`` first, and removes
+    a container the attach added if building the adapter fails anyway (a selector error).
+    """
+    peft_type = next(t for t, c in PEFT_TYPE_TO_CONFIG_MAPPING.items() if c is config_cls)
+    tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[peft_type]
+    block_cls = config_cls.plugin_cls
+    inject = tuner_cls.inject_adapter
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        block_cls.check_host(model, self.peft_config[adapter_name])
+        container = self.container_name()
+        had_container = hasattr(model, container)
+        try:
+            inject(self, model, adapter_name, *args, **kwargs)
+        except Exception:
+            if not had_container and hasattr(model, container):
+                delattr(model, container)
+            raise
+
+    tuner_cls.inject_adapter = inject_adapter
+    return config_cls
