@@ -38,6 +38,7 @@ from peft_hcp.single.register import register_single_plugin
 from peft_hcp.wrap import wrap_model
 # the ControlNet plugins import the core names above from this package, so they come last
 from peft_hcp.adapters.controlnet import ControlNetPlugin, HcpControlNetConfig
+from peft_hcp.adapters.controlnet_dit import HcpFluxControlNetConfig, HcpSD3ControlNetConfig
 
 __all__ = [
     "load_adapter",
@@ -45,6 +46,8 @@ __all__ = [
     "save_adapter",
     "ControlNetPlugin",
     "HcpControlNetConfig",
+    "HcpFluxControlNetConfig",
+    "HcpSD3ControlNetConfig",
     "HcpMultiPluginConfig",
     "HcpPluginConfig",
     "HcpSkipConfig",
