@@ -144,7 +144,9 @@ class ControlNetPlugin(ControlNetBase):
             nn.ModuleList(_zero_conv(c) for c in _skip_channels(block)) for block in self.down_blocks
         )
         self.zero_conv_mid = _zero_conv(self.mid_block.resnets[-1].out_channels)
-        self.init_zero([self.zero_conv_in, self.zero_conv_mid, *self.zero_convs_down, self.cond_embedding.conv_out])
+        self.init_zero(
+            [self.zero_conv_in, self.zero_conv_mid, *self.zero_convs_down, self.cond_embedding.conv_out], config.init_weights
+        )
         self.to(self.conv_in.weight.dtype)
 
     def diffusers_key(self, key: str) -> str:

@@ -116,15 +116,13 @@ class ControlNetBase(MultiPluginBlock):
         super().__init__(from_layers, to_layers, host, config)
         self._arg_names = list(inspect.signature(host.forward).parameters)
         self._diffusers_config = self.diffusers_config(dict(host.config), config)
-        self._init_weights = config.init_weights
 
-    # -- building ------------------------------------------------------------------------------
-
-    def init_zero(self, modules: Iterable[nn.Module]) -> None:
+    @staticmethod
+    def init_zero(modules: Iterable[nn.Module], init_weights: bool) -> None:
         """Zero the parameters of ``modules`` (the no-op start); small random values with ``init_weights=False``."""
         for module in modules:
             for param in module.parameters():
-                nn.init.zeros_(param) if self._init_weights else nn.init.normal_(param, std=0.02)
+                nn.init.zeros_(param) if init_weights else nn.init.normal_(param, std=0.02)
 
     # -- running -------------------------------------------------------------------------------
 

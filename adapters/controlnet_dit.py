@@ -116,7 +116,7 @@ class DiTControlNetPlugin(ControlNetBase):
             setattr(self, group.attr, clean_copy(nn.ModuleList(list(getattr(host, group.attr))[:count])))
             setattr(self, group.outputs, nn.ModuleList(nn.Linear(inner, inner) for _ in range(count)))
         cond_embedder = self.build_cond_embedder(host, config, inner)
-        self.init_zero([cond_embedder, *(getattr(self, group.outputs) for group in self.groups)])
+        self.init_zero([cond_embedder, *(getattr(self, group.outputs) for group in self.groups)], config.init_weights)
         self._slots = [self._slot(target, host) for target in to_layers]
         self.to(next(getattr(self, self.copied[0]).parameters()).dtype)
 
