@@ -1,12 +1,17 @@
-"""A ControlNet as a many -> many plugin (HCP-Diffusion's ``ControlNetPlugin``), for any UNet2DConditionModel layout.
+"""A ControlNet on a diffusers UNet (SD 1.x / 2.x, SDXL) as a many -> many plugin (HCP-Diffusion's ``ControlNetPlugin``).
 
-The plugin copies the host's encoder (``conv_in``, time embedding, down blocks, mid block) with its
-weights, adds a condition-image head (diffusers' ``ControlNetConditioningEmbedding``) and one
-zero-initialised 1x1 convolution per skip connection, and adds its residuals where diffusers' UNet adds
-``down_block_additional_residuals`` / ``mid_block_additional_residual``. Hook indices (the default layers):
+The plugin copies the host's encoder (``conv_in``, time embedding, SDXL's ``text_time`` added embedding,
+down blocks, mid block) with its weights, adds a condition-image head (diffusers'
+``ControlNetConditioningEmbedding``) and one zero-initialised 1x1 convolution per skip connection, and
+adds its residuals where diffusers' UNet adds ``down_block_additional_residuals`` /
+``mid_block_additional_residual`` — the math of diffusers' ``ControlNetModel``, which it exports to and
+imports from (:mod:`.controlnet_bridge`). Hosts: ``UNet2DConditionModel`` without a class embedding, an
+``encoder_hid_proj`` or a time-embedding activation, and with no added embedding or SDXL's
+``text_time`` one; anything else is refused before the model is touched. Hook indices (the default layers):
 
 * from 0 ``prehook:`` (the UNet itself): remembers the call's ``timestep``, ``encoder_hidden_states``,
-  ``timestep_cond``, ``attention_mask`` and ``cross_attention_kwargs``, given by position or keyword;
+  ``timestep_cond``, ``attention_mask``, ``cross_attention_kwargs`` and ``added_cond_kwargs`` (SDXL's
+  ``text_embeds`` and ``time_ids``), given by position or keyword;
 * from 1 ``prehook:conv_in``: runs the ControlNet on the UNet's sample, inside the UNet's call (so inside
   its autocast);
 * to 0 .. n-1 ``down_blocks.i`` (``re:down_blocks\\.\\d+``): adds the block's residuals to its skip outputs;
@@ -22,73 +27,28 @@ diffusers' ``set_adapters`` scales the residuals (``controlnet_conditioning_scal
 
 from __future__ import annotations
 
-import copy
-import inspect
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+from diffusers import ControlNetModel
 from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft_hcp.adapters.controlnet_common import ControlNetBase, clean_copy
 from torch import nn
 
 from peft_hcp.errors import SelectorMatchError, UnsupportedLayerError
-from peft_hcp.hooked import (
-    HcpHookedModel,
-    HcpMultiPluginConfig,
-    MultiPluginBlock,
-    MultiPluginLayer,
-)
+from peft_hcp.hooked import HcpHookedModel, HcpMultiPluginConfig, MultiPluginLayer
 from peft_hcp.registry import register_type
 from peft_hcp.selectors import Target
 
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks_always_called",
+#: UNet config entries a ``ControlNetModel`` takes over from its UNet (as ``ControlNetModel.from_unet`` does).
+_SHARED_CONFIG = (
+    "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "only_cross_attention",
+    "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor", "act_fn",
+    "norm_num_groups", "norm_eps", "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim",
+    "num_attention_heads", "use_linear_projection", "upcast_attention", "resnet_time_scale_shift",
+    "mid_block_type", "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
 )
-_CALL_ARGS = ("timestep", "encoder_hidden_states", "timestep_cond", "attention_mask", "cross_attention_kwargs")
-
-
-def check_host(host: nn.Module) -> None:
-    """Raise ``UnsupportedLayerError`` unless ``host`` has the UNet encoder a ControlNet copies."""
-    down_blocks = getattr(host, "down_blocks", None)
-    if not isinstance(down_blocks, nn.ModuleList) or len(down_blocks) == 0:
-        raise UnsupportedLayerError(
-            f"ControlNetPlugin copies its host's encoder, but {type(host).__name__} has no down blocks; "
-            "attach it to a diffusers UNet2DConditionModel."
-        )
-    for name in ("conv_in", "time_proj", "time_embedding", "mid_block", "up_blocks"):
-        if getattr(host, name, None) is None:
-            raise UnsupportedLayerError(f"ControlNetPlugin needs the host's {name!r}; {type(host).__name__} has none.")
-    for name in ("class_embedding", "add_embedding", "encoder_hid_proj"):
-        if getattr(host, name, None) is not None:
-            raise UnsupportedLayerError(f"ControlNetPlugin does not support hosts with a {name!r} (yet).")
-
-
-def clean_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` without its forward hooks and with PEFT tuner layers unwrapped to their base."""
-    saved = [(m, {attr: m.__dict__[attr] for attr in _HOOK_DICTS}) for m in module.modules()]
-    for m, _ in saved:
-        for attr in _HOOK_DICTS:
-            m.__dict__[attr] = OrderedDict()
-    try:
-        clone = copy.deepcopy(module)
-    finally:
-        for m, hooks in saved:
-            m.__dict__.update(hooks)
-    if isinstance(clone, BaseTunerLayer):
-        return clone.get_base_layer()
-    done: list[str] = []
-    for name, sub in list(clone.named_modules()):
-        if name and isinstance(sub, BaseTunerLayer) and not any(name.startswith(d + ".") for d in done):
-            parent, _, attr = name.rpartition(".")
-            setattr(clone.get_submodule(parent), attr, sub.get_base_layer())
-            done.append(name)
-    return clone
 
 
 def _skip_channels(block: nn.Module) -> list[int]:
@@ -103,14 +63,53 @@ def _zero_conv(channels: int) -> nn.Conv2d:
     return nn.Conv2d(channels, channels, 1)
 
 
-class ControlNetPlugin(MultiPluginBlock):
+class ControlNetPlugin(ControlNetBase):
     """ControlNet residuals computed from a copy of the host encoder; see the module docstring."""
 
-    input_keys = ("cond",)
+    call_keys = (
+        "timestep", "encoder_hidden_states", "timestep_cond", "attention_mask", "cross_attention_kwargs", "added_cond_kwargs",
+    )
+    diffusers_class = ControlNetModel
+    plugin_fields = ("conditioning_channels", "conditioning_embedding_out_channels")
+
+    @classmethod
+    def check_host(cls, host: nn.Module, config: Any) -> None:
+        kind = type(host).__name__
+        down_blocks = getattr(host, "down_blocks", None)
+        if not isinstance(down_blocks, nn.ModuleList) or len(down_blocks) == 0:
+            raise UnsupportedLayerError(
+                f"ControlNetPlugin copies a UNet2DConditionModel's encoder, but {kind} has no down blocks "
+                "('down_blocks'); for SD3 use HcpSD3ControlNetConfig, for Flux HcpFluxControlNetConfig."
+            )
+        for name in ("conv_in", "time_proj", "time_embedding", "mid_block", "up_blocks", "config"):
+            if getattr(host, name, None) is None:
+                raise UnsupportedLayerError(f"ControlNetPlugin needs the host's {name!r}; {kind} has none.")
+        for name in ("class_embedding", "encoder_hid_proj", "time_embed_act"):
+            if getattr(host, name, None) is not None:
+                raise UnsupportedLayerError(
+                    f"ControlNetPlugin does not support a {kind} with a {name!r} (diffusers' ControlNetModel "
+                    "does not compute it either)."
+                )
+        added = host.config.get("addition_embed_type")
+        if added not in (None, "text_time"):
+            raise UnsupportedLayerError(
+                f"ControlNetPlugin supports no added embedding or SDXL's 'text_time'; this {kind} has "
+                f"addition_embed_type={added!r}."
+            )
+
+    @classmethod
+    def diffusers_config(cls, host_config: dict, config: Any) -> dict:
+        shared = {key: host_config[key] for key in _SHARED_CONFIG if key in host_config}
+        return {
+            **shared,
+            "conditioning_channels": config.conditioning_channels,
+            "conditioning_embedding_out_channels": list(config.conditioning_embedding_out_channels),
+            "controlnet_conditioning_channel_order": "rgb",
+            "global_pool_conditions": False,
+        }
 
     @classmethod
     def default_layers(cls, host: nn.Module) -> tuple[list[str], list[str]]:
-        check_host(host)
         last_up = len(host.up_blocks) - 1
         last_resnet = len(host.up_blocks[last_up].resnets) - 1
         return (
@@ -122,7 +121,6 @@ class ControlNetPlugin(MultiPluginBlock):
         self, from_layers: list[Target], to_layers: list[Target], host: nn.Module, config: "HcpControlNetConfig"
     ) -> None:
         super().__init__(from_layers, to_layers, host, config)
-        check_host(host)
         self.n_down = len(host.down_blocks)
         if len(from_layers) != 2 or len(to_layers) != self.n_down + 2:
             raise SelectorMatchError(
@@ -130,10 +128,12 @@ class ControlNetPlugin(MultiPluginBlock):
                 f"conv_in) and {self.n_down + 2} to-layers (each down block, the mid block, the last up resnet); "
                 f"got from {self.from_names} and to {self.to_names}."
             )
-        self._arg_names = [p for p in inspect.signature(host.forward).parameters]
         self.conv_in = clean_copy(host.conv_in)
         self.time_proj = clean_copy(host.time_proj)
         self.time_embedding = clean_copy(host.time_embedding)
+        has_added = getattr(host, "add_embedding", None) is not None
+        self.add_time_proj = clean_copy(host.add_time_proj) if has_added else None
+        self.add_embedding = clean_copy(host.add_embedding) if has_added else None
         self.down_blocks = clean_copy(host.down_blocks)
         self.mid_block = clean_copy(host.mid_block)
         stem = self.conv_in.out_channels
@@ -147,29 +147,48 @@ class ControlNetPlugin(MultiPluginBlock):
             nn.ModuleList(_zero_conv(c) for c in _skip_channels(block)) for block in self.down_blocks
         )
         self.zero_conv_mid = _zero_conv(self.mid_block.resnets[-1].out_channels)
-        zero_init = [self.zero_conv_in, self.zero_conv_mid, *self.zero_convs_down, self.cond_embedding.conv_out]
-        for module in zero_init:
-            for param in module.parameters():
-                nn.init.zeros_(param) if config.init_weights else nn.init.normal_(param, std=0.02)
+        self.init_zero(
+            [self.zero_conv_in, self.zero_conv_mid, *self.zero_convs_down, self.cond_embedding.conv_out], config.init_weights
+        )
+        self.to(self.conv_in.weight.dtype)
+
+    def diffusers_key(self, key: str) -> str:
+        head, _, rest = key.partition(".")
+        if head == "cond_embedding":
+            return f"controlnet_cond_embedding.{rest}"
+        if head == "zero_conv_in":
+            return f"controlnet_down_blocks.0.{rest}"
+        if head == "zero_conv_mid":
+            return f"controlnet_mid_block.{rest}"
+        if head == "zero_convs_down":  # nested per block here, one flat list after the stem's in diffusers
+            block, index, rest = rest.split(".", 2)
+            before = sum(len(convs) for convs in self.zero_convs_down[: int(block)])
+            return f"controlnet_down_blocks.{1 + before + int(index)}.{rest}"
+        return key
+
+    def _embedding(self, timesteps: Any, call: dict, batch: int, device: torch.device) -> torch.Tensor:
+        """The time embedding, plus SDXL's ``text_time`` embedding of ``text_embeds`` and ``time_ids``."""
+        dtype = self.dtype
+        if not torch.is_tensor(timesteps):
+            kind = torch.float64 if isinstance(timesteps, float) else torch.int64
+            timesteps = torch.tensor([timesteps], dtype=kind, device=device)
+        elif timesteps.ndim == 0:
+            timesteps = timesteps[None].to(device)
+        emb = self.time_embedding(self.time_proj(timesteps.expand(batch)).to(dtype), call.get("timestep_cond"))
+        if self.add_embedding is None:
+            return emb
+        added = call.get("added_cond_kwargs") or {}
+        missing = [key for key in ("text_embeds", "time_ids") if key not in added]
+        if missing:
+            raise ValueError(f"ControlNetPlugin on an SDXL UNet needs added_cond_kwargs {missing} in the UNet call.")
+        text_embeds = added["text_embeds"]
+        time_embeds = self.add_time_proj(added["time_ids"].flatten()).reshape(text_embeds.shape[0], -1)
+        return emb + self.add_embedding(torch.concat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
 
     def residuals(self, sample: torch.Tensor, call: dict, cond: torch.Tensor):
         """``(conv_in residual, [per down block: tuple of residuals], mid residual)`` for one UNet call."""
-        dtype = self.conv_in.weight.dtype
-        batch = sample.shape[0]
-        if cond.shape[0] != batch:
-            if batch % cond.shape[0]:
-                raise ValueError(f"The fed 'cond' has batch {cond.shape[0]}, which does not divide the UNet's batch {batch}.")
-            cond = cond.repeat(batch // cond.shape[0], *([1] * (cond.ndim - 1)))
-        expected = tuple(s * self.cond_scale for s in sample.shape[-2:])
-        if tuple(cond.shape[-2:]) != expected:
-            raise ValueError(f"The fed 'cond' is {tuple(cond.shape[-2:])} pixels; this UNet call needs {expected}.")
-        timesteps = call["timestep"]
-        if not torch.is_tensor(timesteps):
-            kind = torch.float64 if isinstance(timesteps, float) else torch.int64
-            timesteps = torch.tensor([timesteps], dtype=kind, device=sample.device)
-        elif timesteps.ndim == 0:
-            timesteps = timesteps[None].to(sample.device)
-        emb = self.time_embedding(self.time_proj(timesteps.expand(batch)).to(dtype), call.get("timestep_cond"))
+        dtype = self.dtype
+        emb = self._embedding(call["timestep"], call, sample.shape[0], sample.device)
         context = call.get("encoder_hidden_states")
         context = context.to(dtype) if context is not None else None
         mask = call.get("attention_mask")
@@ -193,13 +212,16 @@ class ControlNetPlugin(MultiPluginBlock):
 
     def from_layer_hook(self, idx: int, args: tuple, kwargs: dict, output: Optional[Any]) -> None:
         if idx == 0:
-            call = dict(zip(self._arg_names, args), **kwargs)
-            self.cache["call"] = {key: call.get(key) for key in _CALL_ARGS}
+            self.remember_call(args, kwargs)
             return
-        if "call" not in self.cache:
-            raise RuntimeError(f"ControlNetPlugin: from-layer {self.from_names[0]!r} (the UNet call) did not run first.")
+        call = self.recorded_call()
         sample = args[0] if args else kwargs["input"]
-        self.cache["res"] = self.residuals(sample, self.cache["call"], self.require_input("cond"))
+        expected = tuple(s * self.cond_scale for s in sample.shape[-2:])
+        cond = self.condition(
+            sample.shape[0],
+            lambda c: None if tuple(c.shape[-2:]) == expected else f"is {tuple(c.shape[-2:])} pixels; this UNet call needs {expected}",
+        )
+        self.cache["res"] = self.residuals(sample, call, cond)
 
     def to_layer_hook(self, idx: int, args: tuple, kwargs: dict, output: Optional[Any]) -> Any:
         stem, down, mid = self.cache["res"]
@@ -231,7 +253,7 @@ class HcpControlNetModel(HcpHookedModel, layer_cls=HcpControlNetContainer):
 @register_type(HcpControlNetModel)
 @dataclass
 class HcpControlNetConfig(HcpMultiPluginConfig):
-    """A ControlNet on a diffusers UNet (see :class:`ControlNetPlugin`); default layers fit any UNet layout."""
+    """A ControlNet on a diffusers UNet, SD 1.x/2.x or SDXL (see :class:`ControlNetPlugin`); default layers fit its layout."""
 
     conditioning_channels: int = field(default=3, metadata={"help": "Channels of the condition image."})
     conditioning_embedding_out_channels: list[int] = field(

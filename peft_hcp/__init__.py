@@ -8,6 +8,10 @@ from importlib.metadata import version
 
 from peft_hcp.adapter_set import load_adapter, save_adapter
 from peft_hcp.adapters.controlnet import ControlNetPlugin, HcpControlNetConfig
+from peft_hcp.adapters.controlnet_dit import (
+    HcpFluxControlNetConfig,
+    HcpSD3ControlNetConfig,
+)
 from peft_hcp.adapters.loha import HcpLohaConfig, LohaBlock
 from peft_hcp.adapters.lora import HcpLoraConfig, LoraBlock
 from peft_hcp.adapters.prelu import HcpPReLUConfig, PReLUPatch
@@ -54,12 +58,14 @@ __all__ = [
     "CheckpointError",
     "ControlNetPlugin",
     "HcpControlNetConfig",
+    "HcpFluxControlNetConfig",
     "HcpLohaConfig",
     "HcpLoraConfig",
     "HcpMultiPluginConfig",
     "HcpPReLUConfig",
     "HcpPatchConfig",
     "HcpPluginConfig",
+    "HcpSD3ControlNetConfig",
     "HcpSingleConfig",
     "HcpSkipConfig",
     "LohaBlock",

@@ -43,6 +43,10 @@ class _HookedBlock(WeightedBlock):
         self.cache = ActivationCache()
         self.adapter_name = ""
 
+    @classmethod
+    def check_host(cls, host: nn.Module, config: Any) -> None:
+        """Refuse an unsupported ``host`` (raise, naming its type and what it lacks) before anything is attached."""
+
 
 class PluginBlock(_HookedBlock):
     """A plugin that reads one *from*-layer and changes one *to*-layer (HCP-Diffusion's ``PluginBlock``).

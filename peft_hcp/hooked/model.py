@@ -39,8 +39,15 @@ class HcpHookedModel(HcpTuner):
         return working
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        self.tuner_layer_cls.block_cls.check_host(model, self.peft_config[adapter_name])
         self._first_tuner_layer = False
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        had_container = hasattr(model, self.container_name())
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except Exception:
+            if not had_container and hasattr(model, self.container_name()):
+                delattr(model, self.container_name())
+            raise
         if self._first_tuner_layer:
             # PEFT keeps the trainability of existing parameters once a tuner layer exists, and our
             # container exists before its loop runs: freeze the base model as a first injection should.

@@ -1,0 +1,175 @@
+"""What the ControlNet plugins share: the base block and clean copies of host modules.
+
+:class:`ControlNetBase` is the many -> many block every ControlNet plugin derives from. It owns what is the
+same for a UNet, SD3 and Flux: the condition taken through ``peft_hcp.feed(model, cond=...)`` (a batch that
+divides the model's batch is repeated, as for classifier-free guidance), the record of the host call's
+arguments, zero (or, for tests, small random) initialisation of the outputs, and the bridge to the
+matching diffusers ControlNet class: a block knows that class's config for its host and the name of each
+of its weights there, so exporting and importing are state-dict renames (:mod:`.controlnet_bridge`).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+from diffusers import ModelMixin
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from peft_hcp.hooked import MultiPluginBlock
+from peft_hcp.selectors import Target
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def clean_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` without its forward hooks and with PEFT tuner layers unwrapped to their base."""
+    saved = [(m, {attr: m.__dict__[attr] for attr in _HOOK_DICTS}) for m in module.modules()]
+    for m, _ in saved:
+        for attr in _HOOK_DICTS:
+            m.__dict__[attr] = OrderedDict()
+    try:
+        clone = copy.deepcopy(module)
+    finally:
+        for m, hooks in saved:
+            m.__dict__.update(hooks)
+    if isinstance(clone, BaseTunerLayer):
+        return clone.get_base_layer()
+    done: list[str] = []
+    for name, sub in list(clone.named_modules()):
+        if name and isinstance(sub, BaseTunerLayer) and not any(name.startswith(d + ".") for d in done):
+            parent, _, attr = name.rpartition(".")
+            setattr(clone.get_submodule(parent), attr, sub.get_base_layer())
+            done.append(name)
+    return clone
+
+
+def base_module(target: Target) -> nn.Module:
+    """The selected module itself, or the base layer of a PEFT tuner layer wrapping it."""
+    return target.module.get_base_layer() if isinstance(target.module, BaseTunerLayer) else target.module
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_comparable(v) for v in value]
+    return value
+
+
+class ControlNetBase(MultiPluginBlock):
+    """A ControlNet as a many -> many plugin; subclasses copy a host architecture and say how it maps to diffusers.
+
+    Subclasses set ``diffusers_class`` and ``plugin_fields`` (their config fields, named as in that class's
+    config) and implement :meth:`check_host` and :meth:`diffusers_config`; :meth:`diffusers_key` renames
+    a weight where the plugin's module names differ from the diffusers class's.
+    """
+
+    input_keys = ("cond",)
+    call_keys: ClassVar[tuple[str, ...]] = ()
+    diffusers_class: ClassVar[type[ModelMixin]]
+    plugin_fields: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def diffusers_config(cls, host_config: dict, config: Any) -> dict:
+        """The ``diffusers_class`` config of this plugin on a host with ``host_config``."""
+        raise NotImplementedError
+
+    @classmethod
+    def config_values(cls, controlnet_config: dict) -> dict:
+        """The plugin config fields of a diffusers ControlNet with ``controlnet_config``."""
+        return {name: _comparable(controlnet_config[name]) for name in cls.plugin_fields}
+
+    @classmethod
+    def check_fits(cls, host: nn.Module, config: Any, controlnet_config: dict) -> None:
+        """Refuse a diffusers ControlNet whose config differs from the one this plugin has on ``host``."""
+        cls.check_host(host, config)
+        expected = cls.diffusers_config(dict(host.config), config)
+        differ = [
+            f"{key}: ControlNet {_comparable(controlnet_config.get(key))!r}, plugin on this host {_comparable(value)!r}"
+            for key, value in expected.items()
+            if _comparable(controlnet_config.get(key)) != _comparable(value)
+        ]
+        if differ:
+            raise ValueError(
+                f"This {cls.diffusers_class.__name__} was not made for a {type(host).__name__} like this one; "
+                + "; ".join(differ)
+            )
+
+    def __init__(self, from_layers: list[Target], to_layers: list[Target], host: nn.Module, config: Any) -> None:
+        super().__init__(from_layers, to_layers, host, config)
+        self._arg_names = list(inspect.signature(host.forward).parameters)
+        self._diffusers_config = self.diffusers_config(dict(host.config), config)
+
+    @staticmethod
+    def init_zero(modules: Iterable[nn.Module], init_weights: bool) -> None:
+        """Zero the parameters of ``modules`` (the no-op start); small random values with ``init_weights=False``."""
+        for module in modules:
+            for param in module.parameters():
+                nn.init.zeros_(param) if init_weights else nn.init.normal_(param, std=0.02)
+
+    # -- running -------------------------------------------------------------------------------
+
+    def remember_call(self, args: tuple, kwargs: dict) -> None:
+        """Keep the host call's ``call_keys`` arguments, given by position or keyword."""
+        call = dict(zip(self._arg_names, args), **kwargs)
+        self.cache["call"] = {key: call.get(key) for key in self.call_keys}
+
+    def recorded_call(self) -> dict:
+        if "call" not in self.cache:
+            raise RuntimeError(
+                f"{type(self).__name__}: from-layer {self.from_names[0]!r} (the host call) did not run before "
+                f"{self.from_names[1]!r}."
+            )
+        return self.cache["call"]
+
+    def condition(self, batch: int, check: Callable[[torch.Tensor], Optional[str]]) -> torch.Tensor:
+        """The fed ``cond`` repeated to ``batch``; ``check`` returns what is wrong with its shape, or ``None``."""
+        cond = self.require_input("cond")
+        problem = check(cond)
+        if problem:
+            raise ValueError(f"{type(self).__name__}: the fed 'cond' {problem}.")
+        if cond.shape[0] != batch:
+            if batch % cond.shape[0]:
+                raise ValueError(f"The fed 'cond' has batch {cond.shape[0]}, which does not divide the model's batch {batch}.")
+            cond = cond.repeat(batch // cond.shape[0], *([1] * (cond.ndim - 1)))
+        return cond
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # -- diffusers bridge ----------------------------------------------------------------------
+
+    def diffusers_key(self, key: str) -> str:
+        """The name of the plugin weight ``key`` in ``diffusers_class``."""
+        return key
+
+    def to_diffusers(self) -> ModelMixin:
+        """A ``diffusers_class`` model holding this plugin's weights."""
+        model = self.diffusers_class(**self._diffusers_config)
+        state = {self.diffusers_key(k): v for k, v in self.state_dict().items()}
+        model.load_state_dict(state, strict=True)
+        return (model if model.dtype == self.dtype else model.to(self.dtype)).eval()
+
+    def load_diffusers(self, controlnet: ModelMixin) -> None:
+        """Take the weights of ``controlnet``, a ``diffusers_class`` model made for this host."""
+        names = {self.diffusers_key(k): k for k in self.state_dict()}
+        state = controlnet.state_dict()
+        missing, unexpected = sorted(set(names) - set(state)), sorted(set(state) - set(names))
+        if missing or unexpected:
+            raise ValueError(
+                f"{type(controlnet).__name__} does not fit {type(self).__name__} (adapter {self.adapter_name!r}): "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}."
+            )
+        self.load_state_dict({names[k]: v for k, v in state.items()}, strict=True)
+
