@@ -7,15 +7,8 @@ Importing this package registers every bundled plugin type with PEFT, so that ``
 from importlib.metadata import version
 
 from peft_hcp.adapter_set import load_adapter, save_adapter
-from peft_hcp.adapters.controlnet import ControlNetPlugin, HcpControlNetConfig
-from peft_hcp.adapters.controlnet_dit import (
-    HcpFluxControlNetConfig,
-    HcpSD3ControlNetConfig,
-)
-from peft_hcp.adapters.loha import HcpLohaConfig, LohaBlock
-from peft_hcp.adapters.lora import HcpLoraConfig, LoraBlock
-from peft_hcp.adapters.prelu import HcpPReLUConfig, PReLUPatch
-from peft_hcp.adapters.skip import HcpSkipConfig, SkipBlock
+from peft_hcp import adapters
+from peft_hcp.adapters import *  # noqa: F403  (the bundled plugins, registered on import)
 from peft_hcp.errors import (
     CheckpointError,
     MergeNotSupportedError,
@@ -55,25 +48,15 @@ from peft_hcp.wrap import wrap_model
 __version__ = version("peft-hcp")
 
 __all__ = [
+    *adapters.__all__,
     "CheckpointError",
-    "ControlNetPlugin",
-    "HcpControlNetConfig",
-    "HcpFluxControlNetConfig",
-    "HcpLohaConfig",
-    "HcpLoraConfig",
     "HcpMultiPluginConfig",
-    "HcpPReLUConfig",
     "HcpPatchConfig",
     "HcpPluginConfig",
-    "HcpSD3ControlNetConfig",
     "HcpSingleConfig",
-    "HcpSkipConfig",
-    "LohaBlock",
-    "LoraBlock",
     "LowRankBlock",
     "MergeNotSupportedError",
     "MultiPluginBlock",
-    "PReLUPatch",
     "PatchPluginBlock",
     "PatchPluginContainer",
     "PluginBlock",
@@ -82,7 +65,6 @@ __all__ = [
     "SelectorMatchError",
     "SelectorSyntaxError",
     "SinglePluginBlock",
-    "SkipBlock",
     "Target",
     "UnsupportedLayerError",
     "feed",
