@@ -5,7 +5,10 @@ variant is one module here plus its line below.
 """
 
 from peft_hcp.adapters.controlnet import ControlNetPlugin, HcpControlNetConfig
-from peft_hcp.adapters.controlnet_dit import HcpFluxControlNetConfig, HcpSD3ControlNetConfig
+from peft_hcp.adapters.controlnet_dit import (
+    HcpFluxControlNetConfig,
+    HcpSD3ControlNetConfig,
+)
 from peft_hcp.adapters.loha import HcpLohaConfig, LohaBlock
 from peft_hcp.adapters.lora import HcpLoraConfig, LoraBlock
 from peft_hcp.adapters.prelu import HcpPReLUConfig, PReLUPatch

@@ -38,7 +38,6 @@ from torch import nn
 
 from peft_hcp.errors import SelectorMatchError, UnsupportedLayerError
 from peft_hcp.hooked import HcpHookedModel, HcpMultiPluginConfig, MultiPluginLayer
-from peft_hcp.registry import register_type
 from peft_hcp.selectors import Target
 
 #: UNet config entries a ``ControlNetModel`` takes over from its UNet (as ``ControlNetModel.from_unet`` does).
@@ -242,15 +241,6 @@ class ControlNetPlugin(ControlNetBase):
         return args, {**kwargs, "input_tensor": x}
 
 
-class HcpControlNetContainer(MultiPluginLayer, type_name="hcp_controlnet", block_cls=ControlNetPlugin):
-    """The container of ``hcp_controlnet`` (``model.hcp_controlnet``): one ControlNet copy per adapter."""
-
-
-class HcpControlNetModel(HcpHookedModel, layer_cls=HcpControlNetContainer):
-    """The PEFT tuner of ``hcp_controlnet``."""
-
-
-@register_type(HcpControlNetModel)
 @dataclass
 class HcpControlNetConfig(HcpMultiPluginConfig):
     """A ControlNet on a diffusers UNet, SD 1.x/2.x or SDXL (see :class:`ControlNetPlugin`); default layers fit its layout."""
@@ -260,3 +250,11 @@ class HcpControlNetConfig(HcpMultiPluginConfig):
         default_factory=lambda: [16, 32, 96, 256],
         metadata={"help": "Channels of the condition head; each step after the first halves the size."},
     )
+
+
+class HcpControlNetContainer(MultiPluginLayer, type_name="hcp_controlnet", block_cls=ControlNetPlugin):
+    """The container of ``hcp_controlnet`` (``model.hcp_controlnet``): one ControlNet copy per adapter."""
+
+
+class HcpControlNetModel(HcpHookedModel, layer_cls=HcpControlNetContainer, config_cls=HcpControlNetConfig):
+    """The PEFT tuner of ``hcp_controlnet``; defining it registers the type with PEFT."""

@@ -43,7 +43,6 @@ from torch import nn
 
 from peft_hcp.errors import SelectorMatchError, UnsupportedLayerError
 from peft_hcp.hooked import HcpHookedModel, HcpMultiPluginConfig, MultiPluginLayer
-from peft_hcp.registry import register_type
 from peft_hcp.selectors import Target
 
 
@@ -323,15 +322,6 @@ class FluxControlNetPlugin(DiTControlNetPlugin):
         return hidden, context, temb, {"image_rotary_emb": rotary}
 
 
-class HcpSD3ControlNetContainer(MultiPluginLayer, type_name="hcp_sd3_controlnet", block_cls=SD3ControlNetPlugin):
-    """The container of ``hcp_sd3_controlnet``: one SD3 ControlNet per adapter."""
-
-
-class HcpSD3ControlNetModel(HcpHookedModel, layer_cls=HcpSD3ControlNetContainer):
-    """The PEFT tuner of ``hcp_sd3_controlnet``."""
-
-
-@register_type(HcpSD3ControlNetModel)
 @dataclass
 class HcpSD3ControlNetConfig(HcpMultiPluginConfig):
     """A ControlNet on an ``SD3Transformer2DModel`` (see :class:`SD3ControlNetPlugin`); fields as in ``SD3ControlNetModel``."""
@@ -347,15 +337,15 @@ class HcpSD3ControlNetConfig(HcpMultiPluginConfig):
     )
 
 
-class HcpFluxControlNetContainer(MultiPluginLayer, type_name="hcp_flux_controlnet", block_cls=FluxControlNetPlugin):
-    """The container of ``hcp_flux_controlnet``: one Flux ControlNet per adapter."""
+class HcpSD3ControlNetContainer(MultiPluginLayer, type_name="hcp_sd3_controlnet", block_cls=SD3ControlNetPlugin):
+    """The container of ``hcp_sd3_controlnet``: one SD3 ControlNet per adapter."""
 
 
-class HcpFluxControlNetModel(HcpHookedModel, layer_cls=HcpFluxControlNetContainer):
-    """The PEFT tuner of ``hcp_flux_controlnet``."""
+class HcpSD3ControlNetModel(HcpHookedModel, layer_cls=HcpSD3ControlNetContainer, config_cls=HcpSD3ControlNetConfig):
+    """The PEFT tuner of ``hcp_sd3_controlnet``; defining it registers the type with PEFT."""
 
 
-@register_type(HcpFluxControlNetModel)
+
 @dataclass
 class HcpFluxControlNetConfig(HcpMultiPluginConfig):
     """A ControlNet on a ``FluxTransformer2DModel`` (see :class:`FluxControlNetPlugin`); fields as in ``FluxControlNetModel``."""
@@ -364,3 +354,11 @@ class HcpFluxControlNetConfig(HcpMultiPluginConfig):
     num_single_layers: int = field(
         default=10, metadata={"help": "How many of the host's first single-stream blocks to copy."}
     )
+
+
+class HcpFluxControlNetContainer(MultiPluginLayer, type_name="hcp_flux_controlnet", block_cls=FluxControlNetPlugin):
+    """The container of ``hcp_flux_controlnet``: one Flux ControlNet per adapter."""
+
+
+class HcpFluxControlNetModel(HcpHookedModel, layer_cls=HcpFluxControlNetContainer, config_cls=HcpFluxControlNetConfig):
+    """The PEFT tuner of ``hcp_flux_controlnet``; defining it registers the type with PEFT."""

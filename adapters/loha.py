@@ -9,7 +9,6 @@ from typing import Union
 import torch
 from torch import nn
 
-from peft_hcp.registry import register_type
 from peft_hcp.single import HcpSingleConfig, HcpSingleModel, SinglePluginLayer
 from peft_hcp.single.lowrank import (
     LowRankBlock,
@@ -110,15 +109,6 @@ class LohaBlock(LowRankBlock):
         return down, up
 
 
-class HcpLohaLayer(SinglePluginLayer, type_name="hcp_loha", block_cls=LohaBlock):
-    """The PEFT tuner layer of ``hcp_loha``: wraps a Linear/Conv2d host, which computes with ``W + ΔW``."""
-
-
-class HcpLohaModel(HcpSingleModel, layer_cls=HcpLohaLayer):
-    """The PEFT tuner of ``hcp_loha``."""
-
-
-@register_type(HcpLohaModel)
 @dataclass
 class HcpLohaConfig(HcpSingleConfig):
     """LoHa on ``nn.Linear`` / ``nn.Conv2d`` layers: ``rank_groups`` low-rank pairs multiplied elementwise."""
@@ -133,3 +123,11 @@ class HcpLohaConfig(HcpSingleConfig):
         check_rank(self.r)
         if isinstance(self.rank_groups, bool) or not isinstance(self.rank_groups, int) or self.rank_groups < 1:
             raise ValueError(f"rank_groups must be a positive int, got {self.rank_groups!r}.")
+
+
+class HcpLohaLayer(SinglePluginLayer, type_name="hcp_loha", block_cls=LohaBlock):
+    """The PEFT tuner layer of ``hcp_loha``: wraps a Linear/Conv2d host, which computes with ``W + ΔW``."""
+
+
+class HcpLohaModel(HcpSingleModel, layer_cls=HcpLohaLayer, config_cls=HcpLohaConfig):
+    """The PEFT tuner of ``hcp_loha``; defining it registers the type with PEFT."""

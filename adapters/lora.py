@@ -9,7 +9,6 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from peft_hcp.registry import register_type
 from peft_hcp.single import HcpSingleConfig, HcpSingleModel, SinglePluginLayer
 from peft_hcp.single.lowrank import (
     LowRankBlock,
@@ -69,15 +68,6 @@ class LoraBlock(LowRankBlock):
         return self.lora_down.weight.detach().clone(), self.lora_up.weight.detach() * self.scaling
 
 
-class HcpLoraLayer(SinglePluginLayer, type_name="hcp_lora", block_cls=LoraBlock):
-    """The PEFT tuner layer of ``hcp_lora``: wraps a Linear/Conv2d host and runs its :class:`LoraBlock` s."""
-
-
-class HcpLoraModel(HcpSingleModel, layer_cls=HcpLoraLayer):
-    """The PEFT tuner of ``hcp_lora``."""
-
-
-@register_type(HcpLoraModel)
 @dataclass
 class HcpLoraConfig(HcpSingleConfig):
     """LoRA on ``nn.Linear`` / ``nn.Conv2d`` layers, with HCP-Diffusion's parameters.
@@ -109,3 +99,11 @@ class HcpLoraConfig(HcpSingleConfig):
         check_rank(self.r)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+
+
+class HcpLoraLayer(SinglePluginLayer, type_name="hcp_lora", block_cls=LoraBlock):
+    """The PEFT tuner layer of ``hcp_lora``: wraps a Linear/Conv2d host and runs its :class:`LoraBlock` s."""
+
+
+class HcpLoraModel(HcpSingleModel, layer_cls=HcpLoraLayer, config_cls=HcpLoraConfig):
+    """The PEFT tuner of ``hcp_lora``; defining it registers the type with PEFT."""

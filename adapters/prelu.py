@@ -24,7 +24,6 @@ from peft_hcp.patch import (
     PatchPluginBlock,
     ReplacePatchContainer,
 )
-from peft_hcp.registry import register_type
 
 
 class PReLUPatch(PatchPluginBlock):
@@ -43,15 +42,6 @@ class PReLUPatch(PatchPluginBlock):
         return output + self.act(x)
 
 
-class HcpPReLUContainer(ReplacePatchContainer, type_name="hcp_prelu", block_cls=PReLUPatch):
-    """The container that takes a SiLU's place: the sum of the active adapters' PReLUs."""
-
-
-class HcpPReLUModel(HcpPatchModel, layer_cls=HcpPReLUContainer):
-    """The PEFT tuner of ``hcp_prelu``."""
-
-
-@register_type(HcpPReLUModel)
 @dataclass
 class HcpPReLUConfig(HcpPatchConfig):
     """SiLU -> PReLU on the selected activations (``p`` is the initial negative slope)."""
@@ -62,3 +52,11 @@ class HcpPReLUConfig(HcpPatchConfig):
         super().__post_init__()
         if isinstance(self.p, bool) or not isinstance(self.p, (int, float)):
             raise ValueError(f"p must be a number, got {self.p!r}.")
+
+
+class HcpPReLUContainer(ReplacePatchContainer, type_name="hcp_prelu", block_cls=PReLUPatch):
+    """The container that takes a SiLU's place: the sum of the active adapters' PReLUs."""
+
+
+class HcpPReLUModel(HcpPatchModel, layer_cls=HcpPReLUContainer, config_cls=HcpPReLUConfig):
+    """The PEFT tuner of ``hcp_prelu``; defining it registers the type with PEFT."""

@@ -18,7 +18,6 @@ from torch import nn
 
 from peft_hcp.errors import UnsupportedLayerError
 from peft_hcp.hooked import HcpHookedModel, HcpPluginConfig, PluginBlock, PluginLayer
-from peft_hcp.registry import register_type
 from peft_hcp.selectors import Target
 
 
@@ -57,17 +56,16 @@ class SkipBlock(PluginBlock):
         return base + skip.to(base.dtype)
 
 
-class HcpSkipContainer(PluginLayer, type_name="hcp_skip", block_cls=SkipBlock):
-    """The container of ``hcp_skip`` (``model.hcp_skip``): the skips of every adapter and their hooks."""
-
-
-class HcpSkipModel(HcpHookedModel, layer_cls=HcpSkipContainer):
-    """The PEFT tuner of ``hcp_skip``."""
-
-
-@register_type(HcpSkipModel)
 @dataclass
 class HcpSkipConfig(HcpPluginConfig):
     """A learned skip from each from-layer's input to its paired to-layer (see :class:`SkipBlock`)."""
 
     skip_bias: bool = True
+
+
+class HcpSkipContainer(PluginLayer, type_name="hcp_skip", block_cls=SkipBlock):
+    """The container of ``hcp_skip`` (``model.hcp_skip``): the skips of every adapter and their hooks."""
+
+
+class HcpSkipModel(HcpHookedModel, layer_cls=HcpSkipContainer, config_cls=HcpSkipConfig):
+    """The PEFT tuner of ``hcp_skip``; defining it registers the type with PEFT."""

@@ -6,8 +6,8 @@ Importing this package registers every bundled plugin type with PEFT, so that ``
 
 from importlib.metadata import version
 
-from peft_hcp.adapter_set import load_adapter, save_adapter
 from peft_hcp import adapters
+from peft_hcp.adapter_set import load_adapter, save_adapter
 from peft_hcp.adapters import *  # noqa: F403  (the bundled plugins, registered on import)
 from peft_hcp.errors import (
     CheckpointError,
@@ -33,7 +33,6 @@ from peft_hcp.patch import (
     ReplacePatchContainer,
     register_patch_plugin,
 )
-from peft_hcp.registry import register_type
 from peft_hcp.selectors import (
     Selector,
     Target,
@@ -76,7 +75,6 @@ __all__ = [
     "register_patch_plugin",
     "register_plugin",
     "register_single_plugin",
-    "register_type",
     "resolve",
     "save_adapter",
     "wrap_model",

@@ -65,42 +65,37 @@ def _same_class(a: type, b: type) -> bool:
     return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
-def register_type(model_cls: type) -> Callable[[ConfigT], ConfigT]:
-    """Class decorator binding a config class to the tuner ``model_cls`` and registering the PEFT type.
+def bind_type(model_cls: type, config_cls: type) -> None:
+    """Bind ``config_cls`` to the tuner ``model_cls`` and register the PEFT type named after its layer class.
 
-    The type's name is its layer class's ``type_name``; its blocks are ``layer_cls.block_cls``. The
-    bundled types write their layer and tuner classes in source and register with this::
+    A tuner class statement calls this through its ``config_cls`` keyword::
 
         class HcpLoraLayer(SinglePluginLayer, type_name="hcp_lora", block_cls=LoraBlock): ...
-        class HcpLoraModel(HcpSingleModel, layer_cls=HcpLoraLayer): ...
-
-        @register_type(HcpLoraModel)
-        @dataclass
-        class HcpLoraConfig(HcpSingleConfig): ...
+        class HcpLoraModel(HcpSingleModel, layer_cls=HcpLoraLayer, config_cls=HcpLoraConfig): ...
     """
     layer_cls = model_cls.tuner_layer_cls
-
-    def decorate(config_cls: ConfigT) -> ConfigT:
-        if not issubclass(config_cls, layer_cls.config_base):
-            raise TypeError(f"{config_cls.__name__} must subclass {layer_cls.config_base.__name__}.")
-        config_cls.type_name = layer_cls.type_name
-        config_cls.plugin_cls = layer_cls.block_cls
-        register_tuner(layer_cls.type_name, config_cls, model_cls)
-        return config_cls
-
-    return decorate
+    if not issubclass(config_cls, layer_cls.config_base):
+        raise TypeError(f"{config_cls.__name__} must subclass {layer_cls.config_base.__name__}.")
+    config_cls.type_name = layer_cls.type_name
+    config_cls.plugin_cls = layer_cls.block_cls
+    register_tuner(layer_cls.type_name, config_cls, model_cls)
 
 
 def generated_type(type_name: str, block_cls: type, layer_base: type, model_base: type) -> Callable[[ConfigT], ConfigT]:
-    """:func:`register_type` for a user plugin, whose layer and tuner classes are generated.
+    """The ``register_*_plugin`` decorator of a user plugin: its layer and tuner classes are generated.
 
-    This keeps a user plugin's registration at one decorator line (``register_single_plugin(name,
-    Block)``). The generated classes are named after the block (``GainBlockLayer``, ``GainBlockModel``)
-    and placed in the block's module, so tracebacks name them and pickle (multiprocessing) finds them.
+    This keeps a user plugin's registration at one decorator line (``@register_single_plugin(name,
+    Block)``); the bundled types write these classes in source. The generated classes are named after the
+    block (``GainBlockLayer``, ``GainBlockModel``) and placed in the block's module, so tracebacks name
+    them and pickle (multiprocessing) finds them.
     """
-    layer_cls = _made_class(block_cls, "Layer", layer_base, type_name=type_name, block_cls=block_cls)
-    model_cls = _made_class(block_cls, "Model", model_base, layer_cls=layer_cls)
-    return register_type(model_cls)
+
+    def decorate(config_cls: ConfigT) -> ConfigT:
+        layer_cls = _made_class(block_cls, "Layer", layer_base, type_name=type_name, block_cls=block_cls)
+        _made_class(block_cls, "Model", model_base, layer_cls=layer_cls, config_cls=config_cls)
+        return config_cls
+
+    return decorate
 
 
 def _made_class(owner: type, suffix: str, base: type, **class_kwargs) -> type:

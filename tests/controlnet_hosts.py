@@ -1,130 +1,22 @@
-"""Tiny hosts of the ControlNet plugins, built locally from configs (no downloads), with fixed inputs and helpers.
-
-SDXL-shaped UNet (``text_time`` added embedding), SD3 and Flux transformers, each small enough that a
-forward and backward take milliseconds on one CPU thread.
-"""
+"""The tiny hosts of the ControlNet plugins (SDXL-shaped UNet, SD3, Flux from :mod:`peft_hcp.embedded`),
+with their control inputs and a short training loop."""
 
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
-from diffusers import (
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-    UNet2DConditionModel,
-)
 from torch import nn
 
 import peft_hcp
-
-SDXL_TEXT_EMBEDS = 32  # projection_class_embeddings_input_dim - 6 time ids * addition_time_embed_dim
-
-
-def _noise(generator: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=generator)
-
-
-def tiny_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
-    """An SDXL-shaped UNet: ``text_time`` added embedding, linear projections, two transformer layers deep."""
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=SDXL_TEXT_EMBEDS + 6 * 8,
-        cross_attention_dim=64,
-        norm_num_groups=8,
-    ).eval()
-
-
-def sdxl_inputs(batch: int = 2, seed: int = 0) -> dict:
-    """Keyword inputs of an SDXL UNet call, as the SDXL pipelines pass them."""
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "sample": _noise(g, batch, 4, 16, 16),
-        "timestep": torch.tensor([10, 500][:batch]),
-        "encoder_hidden_states": _noise(g, batch, 7, 64),
-        "added_cond_kwargs": {
-            "text_embeds": _noise(g, batch, SDXL_TEXT_EMBEDS),
-            "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * batch),
-        },
-    }
-
-
-def tiny_sd3(seed: int = 0) -> SD3Transformer2DModel:
-    """An SD3 MMDiT: four joint blocks (the last one context-pre-only), patch size 2, 4 latent channels."""
-    torch.manual_seed(seed)
-    return SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=4,
-        num_layers=4,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        joint_attention_dim=32,
-        caption_projection_dim=32,
-        pooled_projection_dim=16,
-        out_channels=4,
-        pos_embed_max_size=16,
-    ).eval()
-
-
-def sd3_inputs(batch: int = 2, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "hidden_states": _noise(g, batch, 4, 16, 16),
-        "encoder_hidden_states": _noise(g, batch, 7, 32),
-        "pooled_projections": _noise(g, batch, 16),
-        "timestep": torch.tensor([10.0, 500.0][:batch]),
-    }
-
-
-def tiny_flux(seed: int = 0) -> FluxTransformer2DModel:
-    """A Flux DiT: three double-stream and four single-stream blocks, guidance embedding, packed latents of 16."""
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=3,
-        num_single_layers=4,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=16,
-        guidance_embeds=True,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()
-
-
-def flux_image_ids(height: int, width: int) -> torch.Tensor:
-    """Positions of packed latent tokens, as ``FluxPipeline._prepare_latent_image_ids`` lays them out."""
-    rows = torch.arange(height)[:, None].expand(height, width)
-    cols = torch.arange(width)[None, :].expand(height, width)
-    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(height * width, 3).float()
-
-
-def flux_inputs(batch: int = 2, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "hidden_states": _noise(g, batch, 64, 16),  # 8x8 packed latent tokens
-        "encoder_hidden_states": _noise(g, batch, 7, 32),
-        "pooled_projections": _noise(g, batch, 16),
-        "timestep": torch.tensor([0.01, 0.5][:batch]),
-        "img_ids": flux_image_ids(8, 8),
-        "txt_ids": torch.zeros(7, 3),
-        "guidance": torch.tensor([3.5] * batch),
-    }
-
+from peft_hcp.embedded.models import (
+    flux_inputs,
+    sd3_inputs,
+    sdxl_inputs,
+    tiny_flux,
+    tiny_sd3,
+    tiny_sdxl_unet,
+)
 
 #: name -> (host builder, call inputs, shape of one control input); SDXL takes an image twice the latent size.
 HOSTS: dict[str, tuple[Callable[[], nn.Module], Callable[..., dict], tuple[int, ...]]] = {
@@ -159,15 +51,3 @@ def train(model: nn.Module, inputs: dict, cond: torch.Tensor, steps: int, lr: fl
         optimizer.step()
         losses.append(loss.item())
     return losses
-
-
-def snapshot(model: nn.Module) -> tuple:
-    """Module tree, state dict, requires_grad, attributes and hook count: what a refused attach must not change."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    return [n for n, _ in model.named_modules()], state, [p.requires_grad for p in model.parameters()], sorted(vars(model)), hooks
-
-
-def assert_same_snapshot(before: tuple, after: tuple) -> None:
-    assert before[0] == after[0] and before[2:] == after[2:]
-    assert before[1].keys() == after[1].keys() and all(torch.equal(before[1][k], after[1][k]) for k in before[1])

@@ -77,3 +77,15 @@ def run_python(
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def snapshot(model: nn.Module) -> tuple:
+    """Module tree, state dict, requires_grad, attributes and hook count: what a refused attach must not change."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = hook_count(model)
+    return [n for n, _ in model.named_modules()], state, [p.requires_grad for p in model.parameters()], sorted(vars(model)), hooks
+
+
+def assert_same_snapshot(before: tuple, after: tuple) -> None:
+    assert before[0] == after[0] and before[2:] == after[2:]
+    assert before[1].keys() == after[1].keys() and all(torch.equal(before[1][k], after[1][k]) for k in before[1])

@@ -17,8 +17,7 @@ from transformers import CLIPTokenizer
 import peft_hcp
 from peft_hcp import HcpControlNetConfig
 from peft_hcp.embedded import tiny_clip_text_model, tiny_unet, tiny_vae, tokenizer_path
-
-from .controlnet_hosts import assert_same_snapshot, snapshot
+from tests.helpers import assert_same_snapshot, snapshot
 
 RESOLUTION = 32  # the tiny VAE halves it to the tiny UNet's 16x16 latents
 HEAD = [8, 16]  # the condition head halves once: the control image has the pipeline's resolution

@@ -20,18 +20,9 @@ from peft_hcp import (
     HcpSD3ControlNetConfig,
     UnsupportedLayerError,
 )
-from tests.helpers import run_python
-
-from .controlnet_hosts import (
-    HOSTS,
-    assert_same_snapshot,
-    control,
-    fed_output,
-    snapshot,
-    tiny_flux,
-    tiny_sd3,
-    train,
-)
+from peft_hcp.embedded.models import tiny_flux, tiny_sd3
+from tests.controlnet_hosts import HOSTS, control, fed_output, train
+from tests.helpers import assert_same_snapshot, run_python, snapshot
 
 KINDS = ["sd3", "flux"]
 

@@ -22,18 +22,9 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 import peft_hcp
 from peft_hcp import HcpControlNetConfig, UnsupportedLayerError
 from peft_hcp.embedded import tiny_clip_text_model, tiny_vae, tokenizer_path
-from tests.helpers import run_python
-
-from .controlnet_hosts import (
-    SDXL_TEXT_EMBEDS,
-    assert_same_snapshot,
-    control,
-    fed_output,
-    sdxl_inputs,
-    snapshot,
-    tiny_sdxl_unet,
-    train,
-)
+from peft_hcp.embedded.models import SDXL_TEXT_EMBEDS, sdxl_inputs, tiny_sdxl_unet
+from tests.controlnet_hosts import control, fed_output, train
+from tests.helpers import assert_same_snapshot, run_python, snapshot
 
 HEAD = [8, 16]  # condition head: the image is twice the latent size
 

@@ -23,20 +23,42 @@ from torch import nn
 
 from peft_hcp.base.blocks import BlockLayer
 from peft_hcp.errors import CheckpointError, few
+from peft_hcp.registry import bind_type
 
 
 class HcpTuner(BaseTuner):
-    """Base of every peft-hcp tuner; a concrete one names its layer class: ``class HcpLoraModel(HcpSingleModel, layer_cls=HcpLoraLayer)``."""
+    """Base of every peft-hcp tuner. A concrete one names its layer and config classes, which registers the
+    PEFT type: ``class HcpLoraModel(HcpSingleModel, layer_cls=HcpLoraLayer, config_cls=HcpLoraConfig)``."""
 
     prefix: ClassVar[str]
     tuner_layer_cls: ClassVar[type[BlockLayer]]
     target_module_mapping: ClassVar[dict] = {}
 
-    def __init_subclass__(cls, *, layer_cls: Optional[type[BlockLayer]] = None, **kwargs) -> None:
+    def __init_subclass__(
+        cls, *, layer_cls: Optional[type[BlockLayer]] = None, config_cls: Optional[type] = None, **kwargs
+    ) -> None:
         super().__init_subclass__(**kwargs)
         if layer_cls is not None:
             cls.tuner_layer_cls = layer_cls
             cls.prefix = layer_cls.type_name + "_"
+        if config_cls is not None:  # a concrete type: register it with PEFT
+            bind_type(cls, config_cls)
+
+    def _create_and_replace(
+        self,
+        peft_config,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: Optional[str] = None,
+    ) -> None:
+        self._add_adapter_to(target, target_name, parent, peft_config, adapter_name)
+
+    def _add_adapter_to(self, target: nn.Module, target_name: str, parent: nn.Module, config, adapter_name: str) -> None:
+        """Attach ``adapter_name`` at ``target`` (called ``target_name`` in ``parent``): per kind."""
+        raise NotImplementedError
 
     # -- checkpoint keys -----------------------------------------------------------------------
 

@@ -65,17 +65,8 @@ class HcpHookedModel(HcpTuner):
     def _check_target_module_exists(self, peft_config: Any, key: str) -> bool:
         return key == self.container_name()
 
-    def _create_and_replace(
-        self,
-        peft_config: Any,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        parameter_name: Optional[str] = None,
-    ) -> None:
-        target.update_layer(adapter_name, peft_config, parent)
+    def _add_adapter_to(self, target: nn.Module, target_name: str, parent: nn.Module, config, adapter_name: str) -> None:
+        target.update_layer(adapter_name, config, parent)  # the target is the container; its parent the root
 
     def _merge_layers(self, safe_merge: bool, adapter_names: Optional[list[str]]) -> None:
         getattr(self.model, self.container_name()).merge(safe_merge, adapter_names)  # refuses, saying why

@@ -9,10 +9,11 @@ from typing import Any, Optional, Union
 
 from huggingface_hub import CommitInfo, HfApi
 
-from peft_hcp.adapter_set import read_set, save_adapter
+from peft_hcp.adapter_set import MANIFEST_NAME, read_set, save_adapter
 from peft_hcp.hub.card import render_card
 
 SAMPLE_IMAGE = "samples.png"
+CARD_NAME = "README.md"
 
 
 def push_adapter(target, repo_id: str, *, adapter_names: Optional[list[str]] = None, **kwargs) -> CommitInfo:
@@ -30,37 +31,34 @@ def push_folder(
     private: Optional[bool] = None,
     revision: Optional[str] = None,
     commit_message: str = "Upload peft-hcp adapter set",
-    base_model: Optional[str] = None,
-    license: Optional[str] = None,
-    training: Optional[dict[str, Any]] = None,
     sample_image: Optional[str] = None,
-    tags: Optional[list[str]] = None,
     endpoint: Optional[str] = None,
+    **card: Any,
 ) -> CommitInfo:
     """Upload a saved adapter set (configs, safetensors, manifest) and its model card to ``repo_id``.
 
-    The repo is created if needed; an existing one is updated, the new set replacing the old files.
-    ``sample_image`` (a sample grid) is uploaded as ``samples.png`` and shown in the card.
+    The repo is created if needed; an existing one is updated, the new set replacing the old files. The
+    card is written into ``folder`` as ``README.md`` (as PEFT's ``save_pretrained`` does) from ``card``
+    (``base_model``, ``license``, ``training``, ``tags``, ``title``, ``description``: see
+    :func:`~peft_hcp.hub.card.render_card`); ``sample_image`` (a sample grid) is copied in as
+    ``samples.png`` and shown in it. Only the set's own files are uploaded.
     """
     entries = read_set(folder)
+    if sample_image is not None:
+        shutil.copyfile(sample_image, os.path.join(folder, SAMPLE_IMAGE))
+    render_card(
+        folder, entries, repo_id, sample_image=SAMPLE_IMAGE if sample_image else None, **card
+    ).save(os.path.join(folder, CARD_NAME))
+    files = [MANIFEST_NAME, CARD_NAME] + ([SAMPLE_IMAGE] if sample_image else [])
+    for entry in entries:
+        files += [f"{entry.subfolder}/adapter_config.json", f"{entry.subfolder}/adapter_model.safetensors"]
     api = HfApi(endpoint=endpoint, token=token)
-    with tempfile.TemporaryDirectory() as staging:
-        for entry in entries:
-            source = os.path.join(folder, entry.subfolder)
-            for name in ("adapter_config.json", "adapter_model.safetensors"):
-                os.makedirs(os.path.join(staging, entry.subfolder), exist_ok=True)
-                shutil.copyfile(os.path.join(source, name), os.path.join(staging, entry.subfolder, name))
-        if os.path.isfile(os.path.join(folder, "adapter_set.json")):
-            shutil.copyfile(os.path.join(folder, "adapter_set.json"), os.path.join(staging, "adapter_set.json"))
-        if sample_image is not None:
-            shutil.copyfile(sample_image, os.path.join(staging, SAMPLE_IMAGE))
-        card = render_card(
-            staging, entries, repo_id, base_model=base_model, license=license, training=training,
-            sample_image=SAMPLE_IMAGE if sample_image else None, tags=tags,
-        )
-        card.save(os.path.join(staging, "README.md"))
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(
-            repo_id=repo_id, folder_path=staging, revision=revision, commit_message=commit_message,
-            delete_patterns=["*.safetensors", "*.json"],  # files of a previous set do not linger
-        )
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        revision=revision,
+        commit_message=commit_message,
+        allow_patterns=[f.lstrip("/") for f in files],
+        delete_patterns=["*.safetensors", "*.json"],  # files of a previous set do not linger
+    )

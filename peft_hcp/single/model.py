@@ -110,20 +110,11 @@ class HcpSingleModel(HcpTuner):
     def _check_target_module_exists(self, peft_config: HcpSingleConfig, key: str) -> bool:
         return key in self._hosts
 
-    def _create_and_replace(
-        self,
-        peft_config: HcpSingleConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        parameter_name: Optional[str] = None,
-    ) -> None:
+    def _add_adapter_to(self, target: nn.Module, target_name: str, parent: nn.Module, config, adapter_name: str) -> None:
         if isinstance(target, self.tuner_layer_cls):
-            target.update_layer(adapter_name, peft_config)
+            target.update_layer(adapter_name, config)
             return
-        self._replace_module(parent, target_name, self.tuner_layer_cls(target, adapter_name, peft_config), target)
+        self._replace_module(parent, target_name, self.tuner_layer_cls(target, adapter_name, config), target)
 
     def _merge_layers(self, safe_merge: bool, adapter_names: Optional[list[str]]) -> None:
         """Merge every layer, or (``safe_merge``) none when one of them would get a non-finite weight."""

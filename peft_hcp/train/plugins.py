@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from peft import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from torch import nn
@@ -174,10 +175,6 @@ def _config_kwargs(config_cls: type[HcpConfig], params: dict, label: str) -> dic
 
 def _plain(value: Any) -> Any:
     """OmegaConf containers as plain lists and dicts (config dataclasses save as JSON)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf comes with hydra-core
-        return value
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     return value
