@@ -7,6 +7,7 @@ variant is one module here plus its line below.
 from peft_hcp.adapters.controlnet import ControlNetPlugin, HcpControlNetConfig
 from peft_hcp.adapters.controlnet_dit import HcpFluxControlNetConfig, HcpSD3ControlNetConfig
 from peft_hcp.adapters.loha import HcpLohaConfig, LohaBlock
+from peft_hcp.adapters.lokr import HcpLokrConfig, LokrBlock
 from peft_hcp.adapters.lora import HcpLoraConfig, LoraBlock
 from peft_hcp.adapters.prelu import HcpPReLUConfig, PReLUPatch
 from peft_hcp.adapters.skip import HcpSkipConfig, SkipBlock
@@ -16,11 +17,13 @@ __all__ = [
     "HcpControlNetConfig",
     "HcpFluxControlNetConfig",
     "HcpLohaConfig",
+    "HcpLokrConfig",
     "HcpLoraConfig",
     "HcpPReLUConfig",
     "HcpSD3ControlNetConfig",
     "HcpSkipConfig",
     "LohaBlock",
+    "LokrBlock",
     "LoraBlock",
     "PReLUPatch",
     "SkipBlock",
