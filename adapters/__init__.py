@@ -10,6 +10,7 @@ from peft_hcp.adapters.controlnet_dit import (
     HcpSD3ControlNetConfig,
 )
 from peft_hcp.adapters.loha import HcpLohaConfig, LohaBlock
+from peft_hcp.adapters.lokr import HcpLokrConfig, LokrBlock
 from peft_hcp.adapters.lora import HcpLoraConfig, LoraBlock
 from peft_hcp.adapters.prelu import HcpPReLUConfig, PReLUPatch
 from peft_hcp.adapters.skip import HcpSkipConfig, SkipBlock
@@ -19,11 +20,13 @@ __all__ = [
     "HcpControlNetConfig",
     "HcpFluxControlNetConfig",
     "HcpLohaConfig",
+    "HcpLokrConfig",
     "HcpLoraConfig",
     "HcpPReLUConfig",
     "HcpSD3ControlNetConfig",
     "HcpSkipConfig",
     "LohaBlock",
+    "LokrBlock",
     "LoraBlock",
     "PReLUPatch",
     "SkipBlock",
