@@ -78,7 +78,7 @@ def sample(adapter: str, settings: dict) -> list[str]:
     from peft_hcp.embedded.pipeline import default_resolution, load_pipeline
     from peft_hcp.train.checkpoint import STATE_NAME
     from peft_hcp.train.data import to_tensor
-    from peft_hcp.train.sampling import adapters_enabled, grid, needs_condition, render
+    from peft_hcp.train.sampling import adapters_disabled, grid, needs_condition, render
 
     if not os.path.isdir(adapter):
         raise FileNotFoundError(f"--adapter {adapter!r} is not a folder.")
@@ -102,7 +102,7 @@ def sample(adapter: str, settings: dict) -> list[str]:
             cond = ((to_tensor(image, resolution) + 1) / 2)[None].repeat(len(settings["prompt"]), 1, 1, 1)
     prompts, seeds = settings["prompt"], settings["seeds"]
     args = (pipe, prompts, seeds, settings["steps"], settings["guidance_scale"], cond, resolution)
-    with adapters_enabled(pipe, False):
+    with adapters_disabled(pipe):
         off = render(*args)
     on = render(*args)
     out = settings["out"]

@@ -8,24 +8,19 @@ from typing import Optional
 
 import torch
 from diffusers import DDIMScheduler
-from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image, ImageDraw
 
 from peft_hcp.hooked import MultiPluginBlock, feed
 
 
 @contextlib.contextmanager
-def adapters_enabled(pipe, enabled: bool) -> Iterator[None]:
-    """Turn every adapter layer of the pipeline's UNet and text encoder on or off for the block."""
-    layers = [m for c in (pipe.unet, pipe.text_encoder) for m in c.modules() if isinstance(m, BaseTunerLayer)]
-    previous = [layer.disable_adapters for layer in layers]
-    for layer in layers:
-        layer.enable_adapters(enabled)
+def adapters_disabled(pipe) -> Iterator[None]:
+    """diffusers' ``pipe.disable_lora()`` for the block (every adapter kind: they are all PEFT tuner layers)."""
+    pipe.disable_lora()
     try:
         yield
     finally:
-        for layer, disabled in zip(layers, previous):
-            layer.enable_adapters(not disabled)
+        pipe.enable_lora()
 
 
 def needs_condition(pipe) -> bool:
@@ -85,8 +80,7 @@ def grid(off: list[Image.Image], on: list[Image.Image], columns: int, title: str
 def sample_grid(pipe, prompts, seeds, steps, guidance_scale=1.0, cond=None, resolution=None, title="") -> Image.Image:
     """The off/on comparison grid for ``prompts`` x ``seeds``."""
     args = (pipe, prompts, seeds, steps, guidance_scale, cond, resolution)
-    with adapters_enabled(pipe, False):
+    with adapters_disabled(pipe):
         off = render(*args)
-    with adapters_enabled(pipe, True):
-        on = render(*args)
+    on = render(*args)
     return grid(off, on, len(seeds), title)
