@@ -108,8 +108,8 @@ def _peft_lora_a(state: dict[str, torch.Tensor], components: dict[str, nn.Module
         if component in _DENOISERS:
             sub = sub if any("lora_A" in k for k in sub) else convert_unet_state_dict_to_peft(sub)
         else:
-            if not any("lora_A" in k or "lora_linear_layer" in k for k in sub):
-                # diffusers infers the old processor names only from an ``out_proj`` among them
+            if not any("lora_A" in k for k in sub):
+                # diffusers infers the old processor names (``to_q_lora``) only from an ``out_proj`` among them
                 sub = convert_state_dict_to_diffusers(sub, original_type=StateDictType.DIFFUSERS_OLD)
             sub = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sub))
             if not hasattr(model, "text_model"):  # transformers 5 CLIP, as diffusers' loader does
