@@ -262,7 +262,7 @@ def test_text_encoder_names_with_or_without_text_model(tmp_path):
         torch.testing.assert_close(pipe_out(fresh), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_lycoris_loha_with_transformers5_text_names_imports_as_lycoris_merges_it(tmp_path):
+def test_lycoris_loha_with_transformers5_text_names_imports_as_lycoris_runs_it(tmp_path):
     """LyCORIS names the text encoder from ``named_modules()``: ``lora_te_encoder_layers_0_…`` under transformers 5."""
     loha = pytest.importorskip("lycoris.modules.loha")
     pipe = tiny_pipeline()
