@@ -298,7 +298,7 @@ def test_lycoris_loha_with_transformers5_text_names_imports_as_lycoris_runs_it(t
 
 
 def test_flux_kohya_file_imports_as_diffusers_loads_it(tmp_path):
-    """Flux files in sd-scripts' BFL names (``lora_unet_double_blocks_0_img_attn_proj`` …), unfused layers."""
+    """Flux files in sd-scripts' BFL names (``lora_unet_double_blocks_0_img_attn_proj`` …), a fused ``qkv`` included."""
     from diffusers.loaders import FluxLoraLoaderMixin
 
     from tests.controlnet_hosts import flux_inputs, tiny_flux
@@ -309,12 +309,20 @@ def test_flux_kohya_file_imports_as_diffusers_loads_it(tmp_path):
         "lora_unet_double_blocks_1_txt_mlp_0": "transformer_blocks.1.ff_context.net.0.proj",
         "lora_unet_single_blocks_0_linear2": "single_transformer_blocks.0.proj_out",
     }
-    save_file(_random_lora({k: model.get_submodule(v) for k, v in names.items()}), str(tmp_path / "flux.safetensors"))
+    tensors = _random_lora({k: model.get_submodule(v) for k, v in names.items()})
+    qkv = "lora_unet_double_blocks_0_img_attn_qkv"  # one file layer for to_q, to_k, to_v: split as diffusers splits it
+    q = model.get_submodule("transformer_blocks.0.attn.to_q").weight
+    gen = torch.Generator().manual_seed(1)
+    tensors[f"{qkv}.lora_down.weight"] = torch.randn(2, q.shape[1], generator=gen) * 0.3
+    tensors[f"{qkv}.lora_up.weight"] = torch.randn(3 * q.shape[0], 2, generator=gen) * 0.3
+    tensors[f"{qkv}.alpha"] = torch.tensor(1.0)
+    save_file(tensors, str(tmp_path / "flux.safetensors"))
     stock = tiny_flux()
     state = FluxLoraLoaderMixin.lora_state_dict(str(tmp_path / "flux.safetensors"))
     stock.load_lora_adapter(state, prefix="transformer")
     placed = import_kohya(model, str(tmp_path / "flux.safetensors"))
-    assert placed == {"transformer": sorted(names.values())}
+    fused = [f"transformer_blocks.0.attn.to_{p}" for p in "qkv"]
+    assert placed == {"transformer": sorted([*names.values(), *fused])}
     inputs = flux_inputs()
     with torch.no_grad():
         expected, base, ours = stock(**inputs).sample, tiny_flux()(**inputs).sample, model(**inputs).sample

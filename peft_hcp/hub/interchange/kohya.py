@@ -33,7 +33,13 @@ from peft_hcp.base.files import read_safetensors
 from peft_hcp.errors import CheckpointError, few
 from peft_hcp.hub.interchange.blocks import lowrank_blocks
 from peft_hcp.hub.interchange.names import kohya_name_table, kohya_prefixes
-from peft_hcp.hub.interchange.stock import check_placement, interchange_components, loader_class, stock_targets
+from peft_hcp.hub.interchange.stock import (
+    check_placement,
+    interchange_components,
+    loader_class,
+    split_fused_lora,
+    stock_targets,
+)
 from peft_hcp.single.lowrank import LowRankBlock, lowrank_type_of, lowrank_types
 
 
@@ -88,29 +94,41 @@ def import_kohya(
     for key, value in state.items():
         layer, _, suffix = key.partition(".")
         layers[layer][suffix] = value
-    places = stock_targets(list(layers), loader_class(target, components), components)
+    loader = loader_class(target, components)
+    rows = {layer: max(v.shape[0] for k, v in parts.items() if k != "alpha") for layer, parts in layers.items()}
+    places = stock_targets(list(layers), loader, components, rows=rows)
     unknown = sorted(layer for layer in layers if layer not in places)
     if unknown:
         raise CheckpointError(
             f"{path}: {len(unknown)} layer(s) match no layer of this {'/'.join(components)}: {few(unknown)}."
         )
-    fused = sorted(layer for layer, place in places.items() if len(place) != 1)
-    if fused:
-        raise CheckpointError(f"{path}: layers {few(fused)} each stand for several layers of the model (fused); not supported.")
     kinds = {layer: lowrank_type_of(set(parts), layer, path) for layer, parts in layers.items()}
     if len(set(kinds.values())) != 1:
         found = sorted({cls.__name__ for cls in kinds.values()})
         raise CheckpointError(f"{path} mixes low-rank variants {found}; import one variant per file.")
     block_cls = next(iter(kinds.values()))
+    if alpha_is_scale:
+        for parts in layers.values():
+            if "alpha" in parts:
+                parts["alpha"] = parts["alpha"] * block_cls.kohya_rank(parts)
 
+    fused = {layer: parts for layer, parts in layers.items() if len(places[layer]) != 1}
+    if fused and not block_cls.matches_kohya({"lora_down.weight", "lora_up.weight"}):
+        raise CheckpointError(
+            f"{path}: layers {few(sorted(fused))} each stand for several layers of the model (fused); only LoRA "
+            f"splits exactly, not {block_cls.__name__}."
+        )
     by_component: dict[str, dict[str, dict[str, torch.Tensor]]] = defaultdict(dict)
     labels: dict[str, str] = {}  # module name -> how errors name the layer
     for layer, parts in layers.items():
-        [(component, name)] = places[layer]
-        if alpha_is_scale and "alpha" in parts:
-            parts["alpha"] = parts["alpha"] * block_cls.kohya_rank(parts)
-        by_component[component][name] = parts
-        labels[name] = f"{layer} ({name})"
+        if layer not in fused:
+            [(component, name)] = places[layer]
+            by_component[component][name] = parts
+            labels[name] = f"{layer} ({name})"
+    if fused:
+        for (component, name), parts in split_fused_lora(fused, loader, components).items():
+            by_component[component][name] = parts
+            labels[name] = f"a split fused layer ({name})"
     return install_layers(components, by_component, labels, block_cls, adapter_name, is_trainable)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from typing import Optional
 
 import torch
 from diffusers import FluxTransformer2DModel, ModelMixin, SD3Transformer2DModel
@@ -66,27 +67,33 @@ def loader_class(target, components: dict[str, nn.Module]) -> type:
 
 
 def stock_targets(
-    layers: list[str], loader: type, components: dict[str, nn.Module], diffusers_layout: bool = False
+    layers: list[str],
+    loader: type,
+    components: dict[str, nn.Module],
+    diffusers_layout: bool = False,
+    rows: Optional[dict[str, int]] = None,
 ) -> dict[str, list[tuple[str, str]]]:
     """``{file layer: [(component, module name), ...]}`` as the stock loader would place each layer.
 
     Layers are kohya/LyCORIS names, or with ``diffusers_layout`` diffusers' ``<component>.<module>``. A
     layer the converter drops, or places on no layer of ``components``, is missing from the result; a
-    fused layer (Flux's ``qkv``) maps to several modules.
+    fused layer (Flux's ``qkv``) maps to several modules. ``rows``: a layer's output features, where the
+    converter splits fused layers by size (Flux's single-block ``linear1``).
     """
+    rows = rows or {}
     down, up = ("lora_A.weight", "lora_B.weight") if diffusers_layout else ("lora_down.weight", "lora_up.weight")
     probe: dict[str, torch.Tensor] = {}
     for tag, layer in enumerate(layers, start=1):
-        layer = layer if diffusers_layout else _CLIP_WITHOUT_TEXT_MODEL.sub(r"\1text_model_\2_", layer)
-        probe[f"{layer}.{down}"] = torch.full((1, 1), float(tag))
-        probe[f"{layer}.{up}"] = torch.ones(3, 1)  # 3 rows: fused layers split into up to three
+        name = layer if diffusers_layout else _CLIP_WITHOUT_TEXT_MODEL.sub(r"\1text_model_\2_", layer)
+        probe[f"{name}.{down}"] = torch.full((1, 1), float(tag))
+        probe[f"{name}.{up}"] = torch.ones(rows.get(layer, 3), 1)  # split evenly into up to three by default
         if not diffusers_layout:
-            probe[f"{layer}.alpha"] = torch.tensor(1.0)
+            probe[f"{name}.alpha"] = torch.tensor(1.0)
     # as load_lora_weights passes it: SGM (``input_blocks``) names are mapped by the UNet's layout
     kwargs = {"unet_config": components["unet"].config} if "unet" in components else {}
     try:
         converted = loader.lora_state_dict(probe, **kwargs)
-    except (ValueError, KeyError, AssertionError, IndexError) as exc:
+    except (ValueError, KeyError, AssertionError, IndexError, RuntimeError) as exc:
         raise CheckpointError(f"diffusers' {loader.__name__} cannot read these layer names: {exc}") from exc
     state = converted[0] if isinstance(converted, tuple) else converted
     places: dict[str, list[tuple[str, str]]] = defaultdict(list)
@@ -97,6 +104,13 @@ def stock_targets(
 
 def _peft_lora_a(state: dict[str, torch.Tensor], components: dict[str, nn.Module]):
     """``(component, module name, tag)`` of each ``lora_A`` that loads onto a layer of ``components``."""
+    for component, name, down, _ in peft_lora_layers(state, components):
+        yield component, name, round(float(down.flatten()[0]))
+
+
+def peft_lora_layers(state: dict[str, torch.Tensor], components: dict[str, nn.Module]):
+    """``(component, module name, lora_A, lora_B)`` of what ``lora_state_dict`` returned, under PEFT's names,
+    for each layer of ``components`` it loads onto (as diffusers' loader renames them)."""
     by_component: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, value in state.items():
         component, _, rest = key.partition(".")
@@ -115,8 +129,23 @@ def _peft_lora_a(state: dict[str, torch.Tensor], components: dict[str, nn.Module
             if not hasattr(model, "text_model"):  # transformers 5 CLIP, as diffusers' loader does
                 sub = {k.removeprefix("text_model."): v for k, v in sub.items()}
         for key, value in sub.items():
-            if key.endswith(_LORA_A) and _has_layer(model, key[: -len(_LORA_A)]):
-                yield component, key[: -len(_LORA_A)], round(float(value.flatten()[0]))
+            name = key[: -len(_LORA_A)]
+            if key.endswith(_LORA_A) and _has_layer(model, name):
+                yield component, name, value, sub.get(f"{name}.lora_B.weight")
+
+
+def split_fused_lora(
+    layers: dict[str, dict[str, torch.Tensor]], loader: type, components: dict[str, nn.Module]
+) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """kohya LoRA tensors per ``(component, module)`` for file layers that stand for several modules
+    (Flux's fused ``qkv``), split by diffusers' converter, which folds each layer's ``alpha / rank`` in."""
+    state = {f"{layer}.{part}": value for layer, parts in layers.items() for part, value in parts.items()}
+    converted = loader.lora_state_dict(state)
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    return {
+        (component, name): {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(float(down.shape[0]))}
+        for component, name, down, up in peft_lora_layers(converted, components)
+    }
 
 
 def _has_layer(model: nn.Module, name: str) -> bool:
