@@ -83,7 +83,8 @@ def test_hcp_plugin_checkpoint_matches_hcpdiff(tmp_path):
     trainer_model.denoiser, trainer_model.TE = hcp_pipe.unet, hcp_pipe.text_encoder
     hcp_state = {k.replace("TE.text_model.", "TE."): v for k, v in state.items()}  # transformers 5 paths for hcpdiff
     save_file(hcp_state, str(tmp_path / "hcp.safetensors"))
-    group = HCPLoraLoader(format=SafeTensorFormat(), source=LocalCkptSource(), path=str(tmp_path / "hcp.safetensors"))._load_to("lora", trainer_model)
+    loader = HCPLoraLoader(format=SafeTensorFormat(), source=LocalCkptSource(), path=str(tmp_path / "hcp.safetensors"))
+    group = loader._load_to("lora", trainer_model)
     assert group.state_dict().keys() == hcp_state.keys()  # the file is in the format HCP writes
     expected = _outputs(hcp_pipe)
 
@@ -101,7 +102,8 @@ def test_hcp_webui_export_imports_at_full_strength(tmp_path):
         layer, _, part = key.partition(".___.")
         component, name = LAYERS[layer]
         prefix = "lora_unet_" if component == "unet" else "lora_te_text_model_"
-        webui[prefix + name.replace(".", "_") + "." + {"layer.W_down": "lora_down.weight", "layer.W_up": "lora_up.weight"}.get(part, part)] = value
+        part = {"layer.W_down": "lora_down.weight", "layer.W_up": "lora_up.weight"}.get(part, part)
+        webui[prefix + name.replace(".", "_") + "." + part] = value
     save_file(webui, str(tmp_path / "webui.safetensors"))
     expected = _outputs(_peft_reference(state))
     pipe, weak = tiny_pipeline(), tiny_pipeline()
@@ -110,6 +112,14 @@ def test_hcp_webui_export_imports_at_full_strength(tmp_path):
     for ours, ref in zip(_outputs(pipe), expected):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     assert (_outputs(weak)[0] - expected[0]).abs().max() > 1e-3
+
+    from peft_hcp.cli import main
+
+    args = ["import", str(tmp_path / "webui.safetensors"), "--out", str(tmp_path / "set"), "--alpha-is-scale"]
+    assert main(args) == 0
+    loaded = tiny_pipeline()
+    load_adapter(loaded, str(tmp_path / "set"))
+    torch.testing.assert_close(_outputs(loaded)[0], expected[0], rtol=1e-5, atol=1e-5)
 
 
 def test_cli_import_writes_a_standard_adapter_set(tmp_path):

@@ -284,8 +284,9 @@ def test_lycoris_loha_with_transformers5_text_names_imports_as_lycoris_runs_it(t
     reference = tiny_pipeline()  # LyCORIS builds each layer from the file and hooks it into its host's forward
     modules = []  # (LyCORIS 4.1.3's merge_to applies a LoHa's alpha / rank twice; its forward once)
     for layer in hosts:
-        component, name = (reference.unet, layer[len("lora_unet_"):]) if "unet" in layer else (reference.text_encoder, layer[len("lora_te_"):])
-        host = component.get_submodule(dict((n.replace(".", "_"), n) for n, _ in component.named_modules())[name])
+        model = reference.unet if layer.startswith("lora_unet_") else reference.text_encoder
+        name = layer.removeprefix("lora_unet_").removeprefix("lora_te_")
+        host = model.get_submodule({n.replace(".", "_"): n for n, _ in model.named_modules()}[name])
         with torch.no_grad():  # as LyCORIS' own loader calls it
             weights = loha.LohaModule.extract_state_dict(tensors, layer)
             modules.append(loha.LohaModule.make_module_from_state_dict(layer, host, *weights))
