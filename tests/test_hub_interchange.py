@@ -357,3 +357,26 @@ def test_export_refuses_names_the_stock_loader_would_misplace(tmp_path):
         export_kohya(model, str(tmp_path / "flux.safetensors"))
     assert not (tmp_path / "flux.safetensors").exists()
     export_diffusers(model, str(tmp_path / "d"))  # diffusers' own layout holds it
+
+
+def test_diffusers_layout_files_import_through_diffusers(tmp_path):
+    """diffusers' own layout (our export, ai-toolkit's Flux files) is read whole by its converter."""
+    from tests.controlnet_hosts import flux_inputs, tiny_flux
+
+    pipe = _adapted_pipeline(str(tmp_path), "lora")
+    out = pipe_out(pipe)
+    export_diffusers(pipe, str(tmp_path / "d"))
+    fresh = tiny_pipeline()
+    import_kohya(fresh, str(tmp_path / "d" / "pytorch_lora_weights.safetensors"))
+    torch.testing.assert_close(pipe_out(fresh), out, rtol=1e-4, atol=1e-4)
+
+    flux = tiny_flux()
+    attach(flux, HcpLoraConfig(target_modules=["to_q", "to_out.0", "proj_mlp"], init_weights=False, alpha=2.0), "a")
+    export_diffusers(flux, str(tmp_path / "flux"))  # transformer.<module>.lora_A/B.weight, as ai-toolkit writes
+    again = tiny_flux()
+    import_kohya(again, str(tmp_path / "flux" / "pytorch_lora_weights.safetensors"))
+    inputs = flux_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).sample, flux(**inputs).sample, rtol=1e-5, atol=1e-5)
+    with pytest.raises(CheckpointError, match="match no layer"):  # a UNet file on a Flux model: refused
+        import_kohya(tiny_flux(), str(tmp_path / "d" / "pytorch_lora_weights.safetensors"))

@@ -37,10 +37,13 @@ from peft_hcp.hub.interchange.stock import (
     check_placement,
     interchange_components,
     loader_class,
-    split_fused_lora,
+    lora_through_diffusers,
     stock_targets,
 )
 from peft_hcp.single.lowrank import LowRankBlock, lowrank_type_of, lowrank_types
+
+#: how kohya/LyCORIS layer names start (``lora_unet_…``, ``lora_te1_…``, ``lycoris_…``)
+_KOHYA_STARTS = ("lora_", "lycoris_")
 
 
 def export_kohya(target, path: str, adapter_names: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
@@ -82,6 +85,9 @@ def import_kohya(
 ) -> dict[str, list[str]]:
     """Load a kohya/webui/LyCORIS file into a pipeline or model as adapter ``adapter_name``.
 
+    A LoRA file with no kohya layer names (``lora_…``) is read whole by diffusers' converter: diffusers'
+    own layout, ai-toolkit and the other layouts its ``lora_state_dict`` reads.
+
     Layers are placed where diffusers' own loader places them (:mod:`.stock`): SD 1.x/2.x and SDXL names
     (SGM ``input_blocks`` included), ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` with or without
     ``text_model_``. ``alpha_is_scale``: the file's ``alpha`` is the layer's scale itself, not
@@ -90,11 +96,13 @@ def import_kohya(
     """
     state = read_safetensors(path)
     components = interchange_components(target)
+    loader = loader_class(target, components)
+    if state and not any(key.startswith(_KOHYA_STARTS) for key in state):
+        return _import_diffusers_layout(state, path, loader, components, adapter_name, is_trainable)
     layers: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, value in state.items():
         layer, _, suffix = key.partition(".")
         layers[layer][suffix] = value
-    loader = loader_class(target, components)
     rows = {layer: max(v.shape[0] for k, v in parts.items() if k != "alpha") for layer, parts in layers.items()}
     places = stock_targets(list(layers), loader, components, rows=rows)
     unknown = sorted(layer for layer in layers if layer not in places)
@@ -126,10 +134,35 @@ def import_kohya(
             by_component[component][name] = parts
             labels[name] = f"{layer} ({name})"
     if fused:
-        for (component, name), parts in split_fused_lora(fused, loader, components).items():
+        flat = {f"{layer}.{part}": value for layer, parts in fused.items() for part, value in parts.items()}
+        for (component, name), parts in lora_through_diffusers(flat, loader, components).items():
             by_component[component][name] = parts
             labels[name] = f"a split fused layer ({name})"
     return install_layers(components, by_component, labels, block_cls, adapter_name, is_trainable)
+
+
+def _import_diffusers_layout(
+    state: dict[str, torch.Tensor],
+    path: str,
+    loader: type,
+    components: dict[str, nn.Module],
+    adapter_name: str,
+    is_trainable: bool,
+) -> dict[str, list[str]]:
+    alphas = sorted(key for key in state if key.endswith(".alpha"))
+    if alphas:
+        raise CheckpointError(f"{path}: alphas outside kohya names are not read ({few(alphas)}).")
+    try:
+        modules = lora_through_diffusers(state, loader, components)
+    except (ValueError, KeyError, AssertionError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: diffusers' {loader.__name__} cannot read it: {exc}") from exc
+    if not modules:
+        raise CheckpointError(f"{path}: diffusers' {loader.__name__} places none of its layers on this model.")
+    by_component: dict[str, dict[str, dict[str, torch.Tensor]]] = defaultdict(dict)
+    for (component, name), parts in modules.items():
+        by_component[component][name] = parts
+    block_cls = lowrank_type_of({"lora_down.weight", "lora_up.weight"}, "LoRA", path)
+    return install_layers(components, by_component, {n: n for c, n in modules}, block_cls, adapter_name, is_trainable)
 
 
 def install_layers(

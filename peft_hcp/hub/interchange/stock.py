@@ -104,13 +104,14 @@ def stock_targets(
 
 def _peft_lora_a(state: dict[str, torch.Tensor], components: dict[str, nn.Module]):
     """``(component, module name, tag)`` of each ``lora_A`` that loads onto a layer of ``components``."""
-    for component, name, down, _ in peft_lora_layers(state, components):
-        yield component, name, round(float(down.flatten()[0]))
+    for component, name, down, _, placed in peft_lora_layers(state, components):
+        if placed:
+            yield component, name, round(float(down.flatten()[0]))
 
 
 def peft_lora_layers(state: dict[str, torch.Tensor], components: dict[str, nn.Module]):
-    """``(component, module name, lora_A, lora_B)`` of what ``lora_state_dict`` returned, under PEFT's names,
-    for each layer of ``components`` it loads onto (as diffusers' loader renames them)."""
+    """``(component, module name, lora_A, lora_B, placed)`` of what ``lora_state_dict`` returned, under PEFT's
+    names (as diffusers' loader renames them); ``placed``: the name is a layer of ``components``."""
     by_component: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, value in state.items():
         component, _, rest = key.partition(".")
@@ -118,6 +119,9 @@ def peft_lora_layers(state: dict[str, torch.Tensor], components: dict[str, nn.Mo
     for component, sub in by_component.items():
         model = components.get(component)
         if model is None:
+            for key, value in sub.items():
+                if "lora_A" in key or ".down." in key:
+                    yield component, key, value, None, False
             continue
         if component in _DENOISERS:
             sub = sub if any("lora_A" in k for k in sub) else convert_unet_state_dict_to_peft(sub)
@@ -130,21 +134,31 @@ def peft_lora_layers(state: dict[str, torch.Tensor], components: dict[str, nn.Mo
                 sub = {k.removeprefix("text_model."): v for k, v in sub.items()}
         for key, value in sub.items():
             name = key[: -len(_LORA_A)]
-            if key.endswith(_LORA_A) and _has_layer(model, name):
-                yield component, name, value, sub.get(f"{name}.lora_B.weight")
+            if key.endswith(_LORA_A):
+                yield component, name, value, sub.get(f"{name}.lora_B.weight"), _has_layer(model, name)
 
 
-def split_fused_lora(
-    layers: dict[str, dict[str, torch.Tensor]], loader: type, components: dict[str, nn.Module]
+def lora_through_diffusers(
+    state: dict[str, torch.Tensor], loader: type, components: dict[str, nn.Module]
 ) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
-    """kohya LoRA tensors per ``(component, module)`` for file layers that stand for several modules
-    (Flux's fused ``qkv``), split by diffusers' converter, which folds each layer's ``alpha / rank`` in."""
-    state = {f"{layer}.{part}": value for layer, parts in layers.items() for part, value in parts.items()}
+    """kohya LoRA tensors per ``(component, module)`` of a LoRA ``state`` as diffusers' converter reads it.
+
+    For layers diffusers converts with their scale folded in (Flux's fused ``qkv`` split into ``to_q`` /
+    ``to_k`` / ``to_v``) and files in a layout diffusers reads whole (its own, ai-toolkit …): each module
+    gets ``alpha = rank``, a scale of 1. A scale the converter hands back separately is refused, not dropped.
+    """
     converted = loader.lora_state_dict(state)
+    alphas = converted[1] if isinstance(converted, tuple) and len(converted) > 1 else None
+    if alphas:
+        raise CheckpointError(f"diffusers' {loader.__name__} keeps alphas apart for {few(sorted(alphas))}; not supported.")
     converted = converted[0] if isinstance(converted, tuple) else converted
+    layers = list(peft_lora_layers(converted, components))
+    lost = sorted(f"{component}.{name}" for component, name, _, _, placed in layers if not placed)
+    if lost:
+        raise CheckpointError(f"{len(lost)} LoRA layer(s) match no layer of this {'/'.join(components)}: {few(lost)}.")
     return {
         (component, name): {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(float(down.shape[0]))}
-        for component, name, down, up in peft_lora_layers(converted, components)
+        for component, name, down, up, _ in layers
     }
 
 
