@@ -3,9 +3,10 @@
 A selector is a string that picks modules of a model by their dotted name (``model.named_modules()``):
 
 ``name``
-    The module with exactly this name; ``''`` is the root model. If no module has that exact name, the
-    selector falls back to PEFT's suffix rule and picks every module whose name ends with ``.name``
-    (so PEFT-style ``["to_q", "to_v"]`` keeps working).
+    PEFT's rule for a name in ``target_modules``: the module with exactly this name *and* every module
+    whose name ends with ``.name`` (``"proj_out"`` picks the top-level ``proj_out`` and every block's), so
+    a PEFT list selects here what it selects in PEFT. ``''`` is the root model. For one module only (an
+    HCP config's exact name that also ends other names), write ``re:name`` (a full match).
 ``re:PATTERN``
     Every module whose full name matches ``PATTERN`` *completely* (``re.fullmatch``). HCP-Diffusion used
     ``re.match``, which anchors at the start only, so ``re:.*attn1`` also picked ``attn1.to_q`` there;
@@ -60,12 +61,14 @@ class Selector:
                 raise SelectorSyntaxError(f"Selector {self.text!r}: bad regular expression: {exc}") from exc
 
     def matches(self, name: str, module: nn.Module) -> bool:
-        """Whether this selector picks ``module`` (named ``name``), ignoring the exact-name rule."""
+        """Whether this selector picks ``module`` (named ``name``)."""
         if self.all_linear:
             return isinstance(module, nn.Linear)
         if self.is_regex:
             return self._compiled.fullmatch(name) is not None  # type: ignore[attr-defined]
-        return name.endswith("." + self.pattern)
+        if not self.pattern:
+            return name == ""
+        return name == self.pattern or name.endswith("." + self.pattern)
 
 
 def parse_selector(text: str) -> Selector:
@@ -152,16 +155,17 @@ def resolve_each(
 ) -> list[list[Target]]:
     """The targets of each selector separately, in model order; one that matches nothing raises.
 
-    The name index is built once, so many exact-name selectors cost one pass over the model.
+    Plain names are looked up by their last component, so many of them cost one pass over the model.
     """
     modules = selectable_modules(model) if modules is None else modules
-    by_name = dict(modules)
+    by_tail: dict[str, list[tuple[str, nn.Module]]] = {}
+    for name, module in modules:
+        by_tail.setdefault(name.rsplit(".", 1)[-1], []).append((name, module))
     result = []
     for selector in selectors:
-        if not selector.is_regex and not selector.all_linear and selector.pattern in by_name:
-            hits = [(selector.pattern, by_name[selector.pattern])]
-        else:
-            hits = [(name, module) for name, module in modules if selector.matches(name, module)]
+        plain = not selector.is_regex and not selector.all_linear
+        candidates = by_tail.get(selector.pattern.rsplit(".", 1)[-1], []) if plain else modules
+        hits = [(name, module) for name, module in candidates if selector.matches(name, module)]
         if not hits:
             raise SelectorMatchError(_no_match_message(model, selector, [name for name, _ in modules]))
         result.append([Target(name, module, selector.prehook) for name, module in hits])

@@ -26,8 +26,9 @@ ATTN1S = [f"{a}.transformer_blocks.0.attn1" for a in ATTENTIONS]
         ("", [""], False),
         ("conv_in", ["conv_in"], False),
         (f"{ATTN1}.to_q", [f"{ATTN1}.to_q"], False),
-        # a plain name that is no full name falls back to PEFT's suffix rule
+        # a plain name: PEFT's rule, the exact name and every name ending in '.name'
         ("proj_in", PROJ_IN, False),
+        ("re:conv_in", ["conv_in"], False),  # one module only: a full-match regex
         # re: is a full match: '.*attn1' does not also pick attn1.to_q (HCP's re.match would)
         ("re:.*attn1", ATTN1S, False),
         ("re:.*attn1$", ATTN1S, False),
@@ -72,6 +73,26 @@ def test_peft_target_module_forms(unet, spec, count):
     if count is None:
         count = sum(isinstance(m, nn.Linear) for m in unet.modules())
     assert len(names) == count
+
+
+@pytest.mark.parametrize(
+    ("host", "targets"),
+    [
+        ("tiny_flux", ["proj_out", "to_q", "norm.linear"]),  # top-level proj_out and every single block's
+        ("tiny_sd3", ["proj_out", "to_add_out", "attn.to_k"]),
+        ("tiny_sdxl_unet", ["proj_out", "to_q", "ff.net.2", "conv1"]),
+    ],
+)
+def test_plain_names_select_what_peft_selects(host, targets):
+    """A PEFT ``target_modules`` list picks the same layers here as in PEFT's own LoraConfig."""
+    from peft import LoraConfig
+
+    import tests.controlnet_hosts as hosts
+
+    build = getattr(hosts, host)
+    ours = get_peft_model(build(), HcpLoraConfig(target_modules=targets)).targeted_module_names
+    peft = get_peft_model(build(), LoraConfig(target_modules=targets)).targeted_module_names
+    assert sorted(ours) == sorted(peft) and len(ours) > len(targets)
 
 
 @pytest.mark.parametrize(

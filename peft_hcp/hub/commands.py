@@ -3,7 +3,8 @@
 * ``push DIR REPO_ID`` uploads a saved adapter set (or PEFT adapter folder) with a model card.
 * ``export DIR --format kohya|diffusers --out PATH`` loads the set onto the base pipeline and writes its
   LoRA/LoHa adapters as one kohya/webui file, or as a diffusers LoRA folder.
-* ``import FILE --out DIR`` reads a kohya/webui file onto the base pipeline and saves it as an adapter set.
+* ``import FILE --out DIR`` reads a kohya/webui/LyCORIS file or an HCP-Diffusion LoRA plugin checkpoint onto the
+  base pipeline and saves it as an adapter set (``--alpha-is-scale`` for HCP's webui exports).
 
 The base pipeline is ``--pretrained-model`` (a local diffusers folder), else the embedded tiny one.
 """
@@ -37,8 +38,12 @@ def add_parser(subparsers) -> None:
     export.add_argument("--pretrained-model", default=None)
     export.set_defaults(func=_export)
 
-    imp = subparsers.add_parser("import", help="read a kohya/webui LoRA or LoHa file into an adapter set")
-    imp.add_argument("file", help="kohya/webui .safetensors file")
+    imp = subparsers.add_parser("import", help="read a kohya/webui/LyCORIS or HCP-Diffusion file into an adapter set")
+    imp.add_argument("file", help="kohya/webui/LyCORIS .safetensors file, or an HCP-Diffusion plugin checkpoint")
+    imp.add_argument(
+        "--alpha-is-scale", action="store_true",
+        help="the file's alpha is the layer's scale, not alpha/rank (HCP-Diffusion's webui export)",
+    )
     imp.add_argument("--out", required=True, help="folder for the adapter set")
     imp.add_argument("--adapter-name", default="default")
     imp.add_argument("--pretrained-model", default=None)
@@ -93,11 +98,16 @@ def _export(args: argparse.Namespace) -> int:
 
 def _import(args: argparse.Namespace) -> int:
     from peft_hcp.adapter_set import save_adapter
-    from peft_hcp.hub.interchange import import_kohya
+    from peft_hcp.base.files import read_safetensors
+    from peft_hcp.hub.interchange import import_hcp, import_kohya
+    from peft_hcp.hub.interchange.hcp import is_hcp_checkpoint
 
     def run():
         pipe = _pipeline(args.pretrained_model)
-        import_kohya(pipe, args.file, adapter_name=args.adapter_name)
+        if is_hcp_checkpoint(read_safetensors(args.file)):
+            import_hcp(pipe, args.file, adapter_name=args.adapter_name)
+        else:
+            import_kohya(pipe, args.file, adapter_name=args.adapter_name, alpha_is_scale=args.alpha_is_scale)
         save_adapter(pipe, args.out, [args.adapter_name])
         return args.out
 

@@ -18,16 +18,22 @@ type name (``hcp_lora``). Nothing named in a config file is imported or called, 
 ``hydra.utils.instantiate`` is not used. A name that is not registered is an error.
 
 Each entry becomes one adapter named after the entry, attached in place (several kinds on one model);
-its parameters form one optimizer group with the entry's ``lr``.
+its parameters form one optimizer group with the entry's ``lr`` and, if given, its ``weight_decay``.
+``train: false`` attaches the plugin frozen (its group trains nothing; ``lr`` may then be left out).
+
+HCP's meanings are kept: selectors may start at HCP's roots, ``denoiser.`` (``plugin_unet``) and ``TE.``
+(``plugin_TE``) — ``denoiser.conv_in`` is that exact layer, ``re:denoiser\\..*attn1`` a pattern — and a
+LoHa's ``rank`` is the total rank, split over its ``rank_groups`` pairs with the scale ``alpha / rank``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from peft import PeftConfig
@@ -43,7 +49,11 @@ SECTIONS = {"plugin_unet": "unet", "plugin_TE": "text_encoder"}
 HCP_ALIASES = {"Skip": "hcp_skip", "LohaLayer": "hcp_loha", "LoraLayer": "hcp_lora"}
 #: HCP-Diffusion parameter names -> peft-hcp config field names.
 PARAM_ALIASES = {"rank": "r"}
-_KEYS = ("_target_", "_partial_", "lr")
+#: HCP's name of each section's model, which its selectors may start with.
+SECTION_ROOTS = {"plugin_unet": "denoiser", "plugin_TE": "TE"}
+_SELECTOR_FIELDS = ("layers", "target_modules", "from_layer", "to_layer", "from_layers", "to_layers")
+_KEYS = ("_target_", "_partial_", "lr", "train", "weight_decay")
+_FLAGS = re.compile(r"^((?:(?:re|prehook|pre_hook):)*)(.*)$", re.S)
 
 
 class PluginConfigError(ValueError):
@@ -58,6 +68,8 @@ class PluginEntry:
     name: str
     config: PeftConfig  # an HcpConfig from a file; any PEFT config when built in code
     lr: float
+    train: bool = True
+    weight_decay: Optional[float] = None
 
     @property
     def component(self) -> str:
@@ -130,25 +142,60 @@ def parse_entry(section: str, name: str, spec: Any) -> PluginEntry:
             f"{label}: '_partial_: True' is required (the plugin is built later, on its host model); "
             f"got {spec.get('_partial_')!r}."
         )
-    lr = _learning_rate(spec.get("lr"), label)
-    kwargs = _config_kwargs(config_cls, {k: v for k, v in spec.items() if k not in _KEYS}, label)
+    trains = spec.get("train", True)
+    if not isinstance(trains, bool):
+        raise PluginConfigError(f"{label}: train must be true or false, got {trains!r}.")
+    lr = _learning_rate(spec.get("lr", None if trains else 0.0), label)
+    decay = None if spec.get("weight_decay") is None else _number(spec["weight_decay"], "weight_decay", label)
+    params = {k: v for k, v in spec.items() if k not in _KEYS}
+    root = SECTION_ROOTS.get(section)
+    for key in _SELECTOR_FIELDS:
+        if root and key in params:
+            params[key] = _from_root(_plain(params[key]), root)
+    kwargs = _config_kwargs(config_cls, params, label)
     try:
         config = config_cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise PluginConfigError(f"{label} ({config_cls.__name__}): {exc}") from exc
-    return PluginEntry(section, name, config, lr)
+    return PluginEntry(section, name, config, lr, trains, decay)
+
+
+def _from_root(selectors: Any, root: str) -> Any:
+    """Selectors written from HCP's model root (``denoiser.x``, ``re:denoiser\\..*``) as selectors of the component.
+
+    An HCP name is exact, so ``denoiser.x`` becomes ``re:x`` (a plain ``x`` also picks every ``*.x``).
+    """
+    if isinstance(selectors, (list, tuple)):
+        return [_from_root(item, root) for item in selectors]
+    if not isinstance(selectors, str):
+        return selectors
+    flags, body = _FLAGS.match(selectors).groups()
+    if "re:" in flags:
+        for start in (re.escape(root) + r"\.", root + "."):
+            if body.startswith(start):
+                return flags + body[len(start) :]
+        return flags.replace("re:", "") if body == root else selectors
+    if body == root:
+        return flags
+    if body.startswith(root + "."):
+        return f"{flags}re:{re.escape(body[len(root) + 1:])}"
+    return selectors
 
 
 def _learning_rate(value: Any, label: str) -> float:
     if value is None:
         raise PluginConfigError(f"{label}: 'lr' (this plugin's learning rate) is required.")
+    return _number(value, "lr", label)
+
+
+def _number(value: Any, key: str, label: str) -> float:
     try:
-        lr = float(value) if not isinstance(value, bool) else math.nan
+        number = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
-        lr = math.nan
-    if not math.isfinite(lr) or lr < 0:
-        raise PluginConfigError(f"{label}: lr must be a non-negative number, got {value!r}.")
-    return lr
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise PluginConfigError(f"{label}: {key} must be a non-negative number, got {value!r}.")
+    return number
 
 
 def _config_kwargs(config_cls: type[HcpConfig], params: dict, label: str) -> dict:
@@ -170,7 +217,23 @@ def _config_kwargs(config_cls: type[HcpConfig], params: dict, label: str) -> dic
             own = sorted(fields - base)
             raise PluginConfigError(f"{label}: {config_cls.__name__} has no parameter {key!r}; it takes {own}.")
         kwargs[field_name] = _plain(value)
+    if "rank" in params and "rank_groups" in fields:
+        _split_rank(kwargs, label)
     return kwargs
+
+
+def _split_rank(kwargs: dict, label: str) -> None:
+    """HCP's LoHa ``rank`` is the total over its ``rank_groups`` pairs, scaled by ``alpha / rank``: give each
+    pair ``rank // rank_groups`` (as HCP does) and keep HCP's scale."""
+    groups = kwargs.get("rank_groups", 2)
+    rank = kwargs["r"]
+    if isinstance(rank, float) or isinstance(rank, bool) or not isinstance(rank, int) or not isinstance(groups, int):
+        raise PluginConfigError(f"{label}: with rank_groups, give HCP's rank as an int total (got rank={rank!r}).")
+    if rank < groups:
+        raise PluginConfigError(f"{label}: rank {rank} is split over {groups} rank_groups; give at least {groups}.")
+    kwargs["r"] = rank // groups
+    if kwargs.get("alpha_auto_scale", True):
+        kwargs["alpha"] = kwargs.get("alpha", 1.0) * kwargs["r"] / rank
 
 
 def _plain(value: Any) -> Any:
@@ -183,8 +246,9 @@ def _plain(value: Any) -> Any:
 def attach_plugins(components: Mapping[str, nn.Module], entries: list[PluginEntry]) -> list[dict]:
     """Attach every entry as an adapter (in place) and return one optimizer parameter group per entry.
 
-    Only the plugins' parameters train: the host models are frozen. An entry whose selector matches
-    nothing, or whose plugin cannot attach, fails with its name in the message.
+    Only the plugins' parameters train (not those of ``train: false`` entries): the host models are
+    frozen. An entry whose selector matches nothing, or whose plugin cannot attach, fails with its name
+    in the message.
     """
     owned: list[list[nn.Parameter]] = []
     for entry in entries:
@@ -203,6 +267,9 @@ def attach_plugins(components: Mapping[str, nn.Module], entries: list[PluginEntr
     groups = []
     for entry, params in zip(entries, owned):
         for param in params:
-            param.requires_grad_(True)
-        groups.append({"params": params, "lr": entry.lr, "name": entry.label})
+            param.requires_grad_(entry.train)
+        group = {"params": params, "lr": entry.lr, "name": entry.label}
+        if entry.weight_decay is not None:
+            group["weight_decay"] = entry.weight_decay
+        groups.append(group)
     return groups

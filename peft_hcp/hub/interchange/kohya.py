@@ -1,10 +1,12 @@
 """kohya/webui and LyCORIS files (the format of sd-scripts, the SD web UIs and civitai), both ways.
 
 One safetensors file holds a whole network: per layer the tensors of one low-rank variant under its
-kohya/LyCORIS names (``lora_down.weight`` / ``lora_up.weight``, ``hada_w1_a`` …) and ``alpha``, with layer
-names from :mod:`.names`; a layer is scaled by ``alpha / rank``. What each variant's tensors are, and how
-it builds itself from them, the block declares (:class:`~peft_hcp.single.lowrank.LowRankBlock`): this
-module dispatches on it, so a variant registered in ``adapters/`` imports and exports with no change here.
+kohya/LyCORIS names (``lora_down.weight`` / ``lora_up.weight``, ``hada_w1_a`` …) and ``alpha``; a layer is
+scaled by ``alpha / rank``. Which layer of the model a file layer is, diffusers' own converter says
+(:mod:`.stock`), for import and for the check of every export; exports are named with :mod:`.names`.
+What each variant's tensors are, and how it builds itself from them, the block declares
+(:class:`~peft_hcp.single.lowrank.LowRankBlock`): this module dispatches on it, so a variant registered
+in ``adapters/`` imports and exports with no change here.
 
 Import builds one config per pipeline component and variant from the variant's
 ``config_kwargs_from_kohya`` (for the bundled ones: ``r`` the largest rank in the file, ``alpha`` that of
@@ -24,21 +26,36 @@ from peft.tuners.tuners_utils import set_adapter
 from safetensors.torch import save_file
 from torch import nn
 
-from peft_hcp.adapter_set import active_adapters, attach, detach, plugin_components
+from peft_hcp.adapter_set import active_adapters, attach, detach
 from peft_hcp.adapter_set import adapter_names as names_on
 from peft_hcp.base.config import PEFT_HCP_VERSION
 from peft_hcp.base.files import read_safetensors
 from peft_hcp.errors import CheckpointError, few
 from peft_hcp.hub.interchange.blocks import lowrank_blocks
 from peft_hcp.hub.interchange.names import kohya_name_table, kohya_prefixes
+from peft_hcp.hub.interchange.stock import (
+    check_placement,
+    interchange_components,
+    loader_class,
+    lora_through_diffusers,
+    stock_targets,
+)
 from peft_hcp.single.lowrank import LowRankBlock, lowrank_type_of, lowrank_types
+
+#: how kohya/LyCORIS layer names start (``lora_unet_…``, ``lora_te1_…``, ``lycoris_…``)
+_KOHYA_STARTS = ("lora_", "lycoris_")
 
 
 def export_kohya(target, path: str, adapter_names: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
-    """Write the low-rank adapters of a pipeline or model (default: all of them) to one kohya/LyCORIS file."""
-    components = plugin_components(target)
+    """Write the low-rank adapters of a pipeline, model or ``PeftModel`` (default: all) to one kohya/LyCORIS file.
+
+    Before writing, the file's layer names go through diffusers' own converter (:mod:`.stock`): a file
+    whose layers the stock loader would not put back where they came from is refused, naming them.
+    """
+    components = interchange_components(target)
     prefixes = kohya_prefixes(components)
     tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, tuple[str, str]] = {}
     owner: dict[str, str] = {}
     for component, module in components.items():
         layer_of = {name: layer for layer, name in kohya_name_table(module, prefixes[component]).items()}
@@ -50,53 +67,119 @@ def export_kohya(target, path: str, adapter_names: Optional[list[str]] = None) -
                     "network per layer. Export them one at a time (adapter_names=[...])."
                 )
             owner[layer] = adapter
+            origin[layer] = (component, name)
             try:
                 tensors.update({f"{layer}.{key}": value for key, value in block.kohya_tensors().items()})
             except ValueError as exc:
                 raise ValueError(f"{layer}: {exc}") from exc
     if not tensors:
         raise ValueError(f"{type(target).__name__} has no low-rank adapters to export.")
+    check_placement(origin, loader_class(target, components), components)
     kind = "networks.lora" if all(k.endswith(("lora_down.weight", "lora_up.weight", "alpha")) for k in tensors) else "lycoris.kohya"
     save_file(tensors, path, metadata={"ss_network_module": kind, "peft_hcp_version": PEFT_HCP_VERSION})
     return tensors
 
 
-def import_kohya(target, path: str, adapter_name: str = "default", is_trainable: bool = False) -> dict[str, list[str]]:
+def import_kohya(
+    target, path: str, adapter_name: str = "default", is_trainable: bool = False, alpha_is_scale: bool = False
+) -> dict[str, list[str]]:
     """Load a kohya/webui/LyCORIS file into a pipeline or model as adapter ``adapter_name``.
 
-    Returns ``{component: [adapted module names]}``. A file mixing variants (LoRA on some layers, LoHa on
-    others) is refused: import one variant per file.
+    A LoRA file with no kohya layer names (``lora_…``) is read whole by diffusers' converter: diffusers'
+    own layout, ai-toolkit and the other layouts its ``lora_state_dict`` reads.
+
+    Layers are placed where diffusers' own loader places them (:mod:`.stock`): SD 1.x/2.x and SDXL names
+    (SGM ``input_blocks`` included), ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` with or without
+    ``text_model_``. ``alpha_is_scale``: the file's ``alpha`` is the layer's scale itself, not
+    ``alpha / rank`` (HCP-Diffusion's webui export). Returns ``{component: [adapted module names]}``. A
+    file mixing variants (LoRA on some layers, LoHa on others) is refused: import one variant per file.
     """
     state = read_safetensors(path)
-    components = plugin_components(target)
-    prefixes = kohya_prefixes(components)
-    tables = {c: kohya_name_table(m, prefixes[c]) for c, m in components.items()}
-    where = {layer: (c, name) for c, table in tables.items() for layer, name in table.items()}
-
+    components = interchange_components(target)
+    loader = loader_class(target, components)
+    if state and not any(key.startswith(_KOHYA_STARTS) for key in state):
+        return _import_diffusers_layout(state, path, loader, components, adapter_name, is_trainable)
     layers: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, value in state.items():
         layer, _, suffix = key.partition(".")
         layers[layer][suffix] = value
-    unknown = sorted(layer for layer in layers if layer not in where)
+    rows = {layer: max(v.shape[0] for k, v in parts.items() if k != "alpha") for layer, parts in layers.items()}
+    places = stock_targets(list(layers), loader, components, rows=rows)
+    unknown = sorted(layer for layer in layers if layer not in places)
     if unknown:
         raise CheckpointError(
-            f"{path}: {len(unknown)} layer(s) match no layer of this {'/'.join(components) or 'model'}: {few(unknown)}."
+            f"{path}: {len(unknown)} layer(s) match no layer of this {'/'.join(components)}: {few(unknown)}."
         )
     kinds = {layer: lowrank_type_of(set(parts), layer, path) for layer, parts in layers.items()}
     if len(set(kinds.values())) != 1:
         found = sorted({cls.__name__ for cls in kinds.values()})
         raise CheckpointError(f"{path} mixes low-rank variants {found}; import one variant per file.")
     block_cls = next(iter(kinds.values()))
+    if alpha_is_scale:
+        for parts in layers.values():
+            if "alpha" in parts:
+                parts["alpha"] = parts["alpha"] * block_cls.kohya_rank(parts)
 
+    fused = {layer: parts for layer, parts in layers.items() if len(places[layer]) != 1}
+    if fused and not block_cls.matches_kohya({"lora_down.weight", "lora_up.weight"}):
+        raise CheckpointError(
+            f"{path}: layers {few(sorted(fused))} each stand for several layers of the model (fused); only LoRA "
+            f"splits exactly, not {block_cls.__name__}."
+        )
     by_component: dict[str, dict[str, dict[str, torch.Tensor]]] = defaultdict(dict)
     labels: dict[str, str] = {}  # module name -> how errors name the layer
     for layer, parts in layers.items():
-        component, name = where[layer]
+        if layer not in fused:
+            [(component, name)] = places[layer]
+            by_component[component][name] = parts
+            labels[name] = f"{layer} ({name})"
+    if fused:
+        flat = {f"{layer}.{part}": value for layer, parts in fused.items() for part, value in parts.items()}
+        for (component, name), parts in lora_through_diffusers(flat, loader, components).items():
+            by_component[component][name] = parts
+            labels[name] = f"a split fused layer ({name})"
+    return install_layers(components, by_component, labels, block_cls, adapter_name, is_trainable)
+
+
+def _import_diffusers_layout(
+    state: dict[str, torch.Tensor],
+    path: str,
+    loader: type,
+    components: dict[str, nn.Module],
+    adapter_name: str,
+    is_trainable: bool,
+) -> dict[str, list[str]]:
+    alphas = sorted(key for key in state if key.endswith(".alpha"))
+    if alphas:
+        raise CheckpointError(f"{path}: alphas outside kohya names are not read ({few(alphas)}).")
+    try:
+        modules = lora_through_diffusers(state, loader, components)
+    except (ValueError, KeyError, AssertionError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: diffusers' {loader.__name__} cannot read it: {exc}") from exc
+    if not modules:
+        raise CheckpointError(f"{path}: diffusers' {loader.__name__} places none of its layers on this model.")
+    by_component: dict[str, dict[str, dict[str, torch.Tensor]]] = defaultdict(dict)
+    for (component, name), parts in modules.items():
         by_component[component][name] = parts
-        labels[name] = f"{layer} ({name})"
+    block_cls = lowrank_type_of({"lora_down.weight", "lora_up.weight"}, "LoRA", path)
+    return install_layers(components, by_component, {n: n for c, n in modules}, block_cls, adapter_name, is_trainable)
+
+
+def install_layers(
+    components: dict[str, nn.Module],
+    by_component: dict[str, dict[str, dict[str, torch.Tensor]]],
+    labels: dict[str, str],
+    block_cls: type[LowRankBlock],
+    adapter_name: str,
+    is_trainable: bool,
+) -> dict[str, list[str]]:
+    """Attach ``adapter_name`` of ``block_cls`` on each component and load its layers' kohya tensors.
+
+    All or nothing: a refused layer detaches what was attached, leaving the model as it was.
+    """
     for component in by_component:
         if adapter_name in names_on(components[component]):
-            raise ValueError(f"{component or 'The model'} already has an adapter named {adapter_name!r}.")
+            raise ValueError(f"{component} already has an adapter named {adapter_name!r}.")
     done: list[nn.Module] = []
     try:
         for component, parts_by_name in by_component.items():

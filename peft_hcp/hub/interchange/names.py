@@ -1,10 +1,10 @@
-"""Exact names of the kohya/webui LoRA format.
+"""Exact names of the kohya/webui LoRA format, for writing (import places layers with :mod:`.stock`).
 
 kohya (sd-scripts) names a layer ``<prefix>_<module path with '.' replaced by '_'>``, e.g.
 ``lora_unet_down_blocks_0_resnets_0_time_emb_proj``. The replacement is not reversible by string
 rules (module names contain ``_`` themselves: HCP's converter turns ``time_emb_proj`` into
-``time.emb.proj``). peft-hcp reverses it by a table built from the model's own module names, and
-refuses a model whose names would collide.
+``time.emb.proj``); the table is built from the model's own module names and refuses a model whose
+names would collide.
 
 transformers 5 dropped the ``text_model.`` level from ``CLIPTextModel``'s module names; kohya files
 (and every older checkpoint) keep it (``lora_te_text_model_encoder_layers_0_mlp_fc1``), so the table
@@ -13,7 +13,6 @@ puts it back for CLIP text encoders that lack it.
 
 from __future__ import annotations
 
-from diffusers import ModelMixin
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -26,9 +25,7 @@ _CLIP_TEXT_ROOTS = ("embeddings", "encoder", "final_layer_norm")
 
 
 def kohya_prefixes(components: dict[str, nn.Module]) -> dict[str, str]:
-    """kohya's prefix for each component; a bare model gets the UNet's or the text encoder's."""
-    if list(components) == [""]:
-        return {"": KOHYA_PREFIXES["unet"] if isinstance(components[""], ModelMixin) else KOHYA_PREFIXES["text_encoder"]}
+    """kohya's prefix for each component (named as diffusers names them)."""
     table = dict(KOHYA_PREFIXES)
     if "text_encoder_2" in components:
         table.update(SDXL_TEXT_PREFIXES)
