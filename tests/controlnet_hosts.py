@@ -159,15 +159,3 @@ def train(model: nn.Module, inputs: dict, cond: torch.Tensor, steps: int, lr: fl
         optimizer.step()
         losses.append(loss.item())
     return losses
-
-
-def snapshot(model: nn.Module) -> tuple:
-    """Module tree, state dict, requires_grad, attributes and hook count: what a refused attach must not change."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    return [n for n, _ in model.named_modules()], state, [p.requires_grad for p in model.parameters()], sorted(vars(model)), hooks
-
-
-def assert_same_snapshot(before: tuple, after: tuple) -> None:
-    assert before[0] == after[0] and before[2:] == after[2:]
-    assert before[1].keys() == after[1].keys() and all(torch.equal(before[1][k], after[1][k]) for k in before[1])

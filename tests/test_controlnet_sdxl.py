@@ -22,15 +22,13 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 import peft_hcp
 from peft_hcp import HcpControlNetConfig, UnsupportedLayerError
 from peft_hcp.embedded import tiny_clip_text_model, tiny_vae, tokenizer_path
-from tests.helpers import run_python
+from tests.helpers import assert_model_unchanged, model_snapshot, run_python
 
 from .controlnet_hosts import (
     SDXL_TEXT_EMBEDS,
-    assert_same_snapshot,
     control,
     fed_output,
     sdxl_inputs,
-    snapshot,
     tiny_sdxl_unet,
     train,
 )
@@ -182,7 +180,7 @@ def test_other_added_embeddings_are_refused_before_anything_is_attached(change, 
     config = {k: v for k, v in tiny_sdxl_unet().config.items() if not k.startswith("_")}
     config.update(addition_embed_type=None, addition_time_embed_dim=None, projection_class_embeddings_input_dim=None)
     unet = UNet2DConditionModel(**{**config, **change})
-    before = snapshot(unet)
+    before = model_snapshot(unet)
     with pytest.raises(UnsupportedLayerError, match=f"UNet2DConditionModel.*{missing}"):
         get_peft_model(unet, sdxl_config())
-    assert_same_snapshot(before, snapshot(unet))
+    assert_model_unchanged(before, unet)
