@@ -1,6 +1,7 @@
 """The many -> many plugin kind (MultiPluginBlock) with the ControlNet example and the input feeder."""
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -296,3 +297,25 @@ def test_in_place_next_to_a_lora_and_set_adapters_scale(unet, unet_batch):
     unet.delete_adapters("cn")
     torch.testing.assert_close(unet_out(unet, unet_batch), lora_only, rtol=0, atol=1e-6)
     assert hook_count(unet) == 0
+
+
+def test_feed_is_per_call_across_threads(unet, unet_batch):
+    """Four threads feed different conditions through one model at once: each gets its own output."""
+    model = get_peft_model(unet, cn_config())
+    conds = [cond_image(seed=seed) for seed in range(4)]
+    references = [fed_out(model, unet_batch, cond) for cond in conds]
+    start = threading.Barrier(len(conds))
+    results: dict[int, list[torch.Tensor]] = {}
+
+    def worker(index: int) -> None:
+        torch.set_num_threads(1)
+        start.wait()
+        results[index] = [fed_out(model, unet_batch, conds[index]) for _ in range(3)]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(conds))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for index, reference in enumerate(references):
+        assert all(torch.equal(out, reference) for out in results[index]), f"thread {index} got another call's values"
