@@ -96,7 +96,8 @@ class HcpTuner(BaseTuner):
                 _discard_adapter(model, adapter_name)
                 before.restore()  # the trainability the attach changed
             raise
-        _attached_for_load.pop(id(config), None)
+        if _attached_for_load.pop(id(config), None) is not None:
+            config.awaiting_checkpoint = False  # loaded: from now on the adapter is the user's
         return remapped
 
     @classmethod
