@@ -171,3 +171,13 @@ def test_checkpoint_for_another_architecture_through_adapter_set_attaches_nothin
     with pytest.raises(CheckpointError, match="missing"):
         peft_hcp.load_adapter(unet, str(tmp_path))
     assert_model_unchanged(before, unet)
+
+
+def test_a_refused_load_into_a_loaded_adapter_keeps_it(tmp_path):
+    get_peft_model(tiny_unet(), HcpLoraConfig(target_modules=TARGETS, init_weights=False)).save_pretrained(tmp_path / "fits")
+    get_peft_model(unet_with(block_out_channels=(16, 32)), HcpLoraConfig(target_modules=TARGETS)).save_pretrained(tmp_path / "narrow")
+    model = PeftModel.from_pretrained(tiny_unet(), str(tmp_path / "fits"))
+    before = model_snapshot(model, run)
+    with pytest.raises(CheckpointError, match="another shape"):
+        model.load_adapter(str(tmp_path / "narrow"), adapter_name="default")  # into the adapter it already holds
+    assert_model_unchanged(before, model)
