@@ -1,5 +1,6 @@
 """The many -> many plugin kind (MultiPluginBlock) with the ControlNet example and the input feeder."""
 
+import asyncio
 import copy
 import threading
 
@@ -319,3 +320,22 @@ def test_feed_is_per_call_across_threads(unet, unet_batch):
         thread.join(timeout=120)
     for index, reference in enumerate(references):
         assert all(torch.equal(out, reference) for out in results[index]), f"thread {index} got another call's values"
+
+
+def test_feed_is_per_task_across_interleaved_asyncio_tasks(unet, unet_batch):
+    """Each task enters its feed, yields to the others, then calls: each still gets its own condition."""
+    model = get_peft_model(unet, cn_config())
+    conds = [cond_image(seed=seed) for seed in range(3)]
+    references = [fed_out(model, unet_batch, cond) for cond in conds]
+
+    async def call(cond: torch.Tensor) -> torch.Tensor:
+        with peft_hcp.feed(model, cond=cond):
+            await asyncio.sleep(0)  # the other tasks enter their feeds now
+            with torch.no_grad():
+                return model(*unet_batch).sample
+
+    async def main() -> list[torch.Tensor]:
+        return await asyncio.gather(*(call(cond) for cond in conds))
+
+    for out, reference in zip(asyncio.run(main()), references):
+        assert torch.equal(out, reference)
