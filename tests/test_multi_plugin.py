@@ -1,6 +1,7 @@
 """The many -> many plugin kind (MultiPluginBlock) with the ControlNet example and the input feeder."""
 
 import asyncio
+import contextvars
 import copy
 import threading
 
@@ -339,3 +340,26 @@ def test_feed_is_per_task_across_interleaved_asyncio_tasks(unet, unet_batch):
 
     for out, reference in zip(asyncio.run(main()), references):
         assert torch.equal(out, reference)
+
+
+def test_fed_values_reach_an_autograd_worker_thread(unet):
+    """CUDA backward (checkpoint recomputation) runs on torch's worker threads, which get the launching
+    thread's context only as the stashed copy torch puts in their thread-local state: simulate one."""
+    model = get_peft_model(unet, cn_config())
+    block = model.get_base_model().hcp_controlnet.blocks["default"]
+    cond = cond_image()
+    seen = []
+
+    def worker(context) -> None:
+        seen.append("cond" in block.inputs)  # a plain thread: no feed
+        torch._C._stash_obj_in_tls("context", context)
+        try:
+            seen.append(block.inputs["cond"] is cond)
+        finally:
+            torch._C._remove_obj_from_tls("context")
+
+    with peft_hcp.feed(model, cond=cond):
+        thread = threading.Thread(target=worker, args=(contextvars.copy_context(),))
+        thread.start()
+        thread.join(timeout=60)
+    assert seen == [False, True]

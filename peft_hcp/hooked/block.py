@@ -52,6 +52,16 @@ class CallState:
 current_call: ContextVar[Optional[CallState]] = ContextVar("peft_hcp_call", default=None)
 
 
+def call_state() -> Optional[CallState]:
+    """The current ``feed`` block's state. On an autograd device thread (activation checkpointing recomputing
+    during a CUDA backward) it is the state of the thread that launched ``backward()``: torch stashes that
+    thread's ``contextvars`` context in the thread-local state it hands to its worker threads."""
+    call = current_call.get()
+    if call is None and torch._C._is_key_in_tls("context"):
+        call = torch._C._get_obj_in_tls("context").get(current_call)
+    return call
+
+
 class _HookedBlock(WeightedBlock):
     """What both cross-layer kinds share: an activation cache and an adapter weight."""
 
@@ -65,7 +75,7 @@ class _HookedBlock(WeightedBlock):
     @property
     def cache(self) -> ActivationCache:
         """Activations of the current call: those of the enclosing ``feed`` block, else this block's own."""
-        call = current_call.get()
+        call = call_state()
         if call is None:
             return self._own_cache
         return call.caches.setdefault(id(self), ActivationCache())
@@ -136,7 +146,7 @@ class MultiPluginBlock(_HookedBlock):
     @property
     def inputs(self) -> ActivationCache:
         """The inputs fed to this block by the enclosing :func:`peft_hcp.feed` (empty outside one)."""
-        call = current_call.get()
+        call = call_state()
         return ActivationCache() if call is None else call.inputs.get(id(self), ActivationCache())
 
     @classmethod
