@@ -29,7 +29,12 @@ from peft_hcp.train import (
     parse_section,
     train,
 )
-from peft_hcp.train.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from peft_hcp.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
 from peft_hcp.train.data import FolderDataset, ShapesDataset
 from tests.helpers import unet_out
 

@@ -33,7 +33,6 @@ from peft_hcp.base.blocks import BlockLayer
 from peft_hcp.base.snapshot import ModelSnapshot
 from peft_hcp.errors import CheckpointError, few
 
-
 #: the model as it was before an adapter whose config was read from a checkpoint was attached, until its
 #: weights are loaded (keyed by the config's id)
 _attached_for_load: dict[int, ModelSnapshot] = {}

@@ -29,7 +29,12 @@ from typing import Any
 
 from torch import nn
 
-from peft_hcp.hooked.block import ActivationCache, CallState, MultiPluginBlock, current_call
+from peft_hcp.hooked.block import (
+    ActivationCache,
+    CallState,
+    MultiPluginBlock,
+    current_call,
+)
 
 
 def _modules_of(target: Any) -> list[nn.Module]:
