@@ -284,37 +284,26 @@ def attach(module: nn.Module, config: PeftConfig, adapter_name: str) -> None:
     adapters active before stay active. A refused attach leaves ``module`` as it was.
     """
     active = active_adapters(module)
-    had_config = isinstance(getattr(module, "peft_config", None), dict)
-    trainable = {name: p.requires_grad for name, p in module.named_parameters()}
-    try:
-        with warnings.catch_warnings():  # several adapters on one model is the point here
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            if isinstance(module, ModelMixin):
-                module.add_adapter(config, adapter_name)
-            else:
-                inject_adapter_in_model(config, module, adapter_name)
-                if not isinstance(getattr(module, "peft_config", None), dict):
-                    module.peft_config = {}
-                module.peft_config[adapter_name] = config
-                module._hf_peft_config_loaded = True
-    except Exception:
-        _remove_layers_of(module, adapter_name)
-        if had_config:
-            module.peft_config.pop(adapter_name, None)
+    with warnings.catch_warnings():  # several adapters on one model is the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        if isinstance(module, ModelMixin):
+            module.add_adapter(config, adapter_name)  # a refusal is rolled back by the peft-hcp tuner
         else:
-            _drop_peft_bookkeeping(module)
-        for name, param in module.named_parameters():
-            param.requires_grad_(trainable.get(name, param.requires_grad))
-        raise
+            inject_adapter_in_model(config, module, adapter_name)
+            if not isinstance(getattr(module, "peft_config", None), dict):
+                module.peft_config = {}
+            module.peft_config[adapter_name] = config
+            module._hf_peft_config_loaded = True
     if active:
         set_adapter(module, active + [adapter_name], inference_mode=config.inference_mode)
 
 
 def detach(module: nn.Module, adapter_name: str) -> None:
-    """Remove adapter ``adapter_name`` attached in place by :func:`attach`, putting the hosts back."""
+    """Remove adapter ``adapter_name`` attached in place by :func:`attach`, putting the hosts back (idempotent)."""
     _remove_layers_of(module, adapter_name)
-    module.peft_config.pop(adapter_name, None)
-    if not module.peft_config:
+    configs = getattr(module, "peft_config", None) or {}
+    configs.pop(adapter_name, None)
+    if not configs:
         _drop_peft_bookkeeping(module)
 
 

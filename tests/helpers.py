@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 import textwrap
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -27,6 +28,53 @@ def unet_out(model, batch) -> torch.Tensor:
 def hook_count(model: nn.Module) -> int:
     """How many forward (pre-)hooks the modules of ``model`` carry."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@dataclass
+class ModelSnapshot:
+    """What a refused operation must leave unchanged (see :func:`assert_model_unchanged`)."""
+
+    run: Optional[Callable[[nn.Module], torch.Tensor]]
+    state: dict[str, torch.Tensor]
+    tree: list[tuple[str, str]]
+    requires_grad: dict[str, bool]
+    hooks: int
+    attributes: list[str]
+    adapters: Optional[list[str]]
+    peft_loaded: Optional[bool]
+    output: Optional[torch.Tensor]
+
+
+def model_snapshot(model: nn.Module, run: Optional[Callable[[nn.Module], torch.Tensor]] = None) -> ModelSnapshot:
+    """Record ``model``'s state dict, module tree, trainability, hooks, attributes, adapter bookkeeping and
+    (given ``run``) the output ``run(model)``."""
+    config = getattr(model, "peft_config", None)
+    return ModelSnapshot(
+        run=run,
+        state={k: v.detach().clone() for k, v in model.state_dict().items()},
+        tree=[(name, type(m).__name__) for name, m in model.named_modules()],
+        requires_grad={name: p.requires_grad for name, p in model.named_parameters()},
+        hooks=hook_count(model),
+        attributes=sorted(vars(model)),
+        adapters=None if config is None else list(config),
+        peft_loaded=getattr(model, "_hf_peft_config_loaded", None),
+        output=None if run is None else run(model),
+    )
+
+
+def assert_model_unchanged(before: ModelSnapshot, model: nn.Module) -> None:
+    """Assert that ``model`` is exactly as when ``before`` was taken (bit-for-bit state and output)."""
+    after = model_snapshot(model, before.run)
+    assert after.tree == before.tree
+    assert after.state.keys() == before.state.keys()
+    for key, value in before.state.items():  # exactly equal, NaNs included
+        torch.testing.assert_close(after.state[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+    assert after.requires_grad == before.requires_grad
+    assert after.hooks == before.hooks
+    assert after.attributes == before.attributes, set(after.attributes) ^ set(before.attributes)
+    assert (after.adapters, after.peft_loaded) == (before.adapters, before.peft_loaded)
+    if before.run is not None:
+        torch.testing.assert_close(after.output, before.output, rtol=0, atol=0, equal_nan=True)
 
 
 def tiny_pipeline() -> StableDiffusionPipeline:
@@ -77,15 +125,3 @@ def run_python(
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def snapshot(model: nn.Module) -> tuple:
-    """Module tree, state dict, requires_grad, attributes and hook count: what a refused attach must not change."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    hooks = hook_count(model)
-    return [n for n, _ in model.named_modules()], state, [p.requires_grad for p in model.parameters()], sorted(vars(model)), hooks
-
-
-def assert_same_snapshot(before: tuple, after: tuple) -> None:
-    assert before[0] == after[0] and before[2:] == after[2:]
-    assert before[1].keys() == after[1].keys() and all(torch.equal(before[1][k], after[1][k]) for k in before[1])

@@ -17,7 +17,7 @@ from transformers import CLIPTokenizer
 import peft_hcp
 from peft_hcp import HcpControlNetConfig
 from peft_hcp.embedded import tiny_clip_text_model, tiny_unet, tiny_vae, tokenizer_path
-from tests.helpers import assert_same_snapshot, snapshot
+from tests.helpers import assert_model_unchanged, model_snapshot
 
 RESOLUTION = 32  # the tiny VAE halves it to the tiny UNet's 16x16 latents
 HEAD = [8, 16]  # the condition head halves once: the control image has the pipeline's resolution
@@ -61,7 +61,7 @@ def test_a_controlnet_of_another_unet_is_refused_and_the_host_left_as_it_was():
     other_controlnet = ControlNetModel.from_unet(other, conditioning_embedding_out_channels=tuple(HEAD))
     other_controlnet.register_to_config(cross_attention_dim=64)  # as if made for a UNet with wider text embeddings
     host = tiny_unet()
-    before = snapshot(host)
+    before = model_snapshot(host)
     with pytest.raises(ValueError, match="cross_attention_dim: ControlNet 64, plugin on this host 32"):
         import_controlnet(host, other_controlnet)
-    assert_same_snapshot(before, snapshot(host))
+    assert_model_unchanged(before, host)

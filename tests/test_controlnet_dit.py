@@ -22,7 +22,7 @@ from peft_hcp import (
 )
 from peft_hcp.embedded.models import tiny_flux, tiny_sd3
 from tests.controlnet_hosts import HOSTS, control, fed_output, train
-from tests.helpers import assert_same_snapshot, run_python, snapshot
+from tests.helpers import assert_model_unchanged, model_snapshot, run_python
 
 KINDS = ["sd3", "flux"]
 
@@ -187,21 +187,21 @@ def test_each_host_block_gets_the_control_output_diffusers_gives_it():
 def test_unsupported_hosts_are_refused_and_left_exactly_as_they_were(build, config, message):
     for attach in (lambda m: get_peft_model(m, config), lambda m: inject_adapter_in_model(config, m)):
         host = build()
-        before = snapshot(host)
+        before = model_snapshot(host)
         with pytest.raises(UnsupportedLayerError, match=message):
             attach(host)
-        assert_same_snapshot(before, snapshot(host))
+        assert_model_unchanged(before, host)
 
 
 def test_a_controlnet_made_for_another_model_is_refused_before_import():
     host = tiny_flux()
     union = FluxControlNetModel(**{**published_controlnet("flux", tiny_flux()).config, "num_mode": 3})
-    before = snapshot(host)
+    before = model_snapshot(host)
     with pytest.raises(ValueError, match="num_mode: ControlNet 3, plugin on this host None"):
         import_controlnet(host, union)
     with pytest.raises(UnsupportedLayerError, match="FluxTransformer2DModel has"):
         import_controlnet(host, published_controlnet("sd3", tiny_sd3()))
-    assert_same_snapshot(before, snapshot(host))
+    assert_model_unchanged(before, host)
 
 
 def test_wrong_control_latents_are_clear_errors():

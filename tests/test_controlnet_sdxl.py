@@ -24,7 +24,7 @@ from peft_hcp import HcpControlNetConfig, UnsupportedLayerError
 from peft_hcp.embedded import tiny_clip_text_model, tiny_vae, tokenizer_path
 from peft_hcp.embedded.models import SDXL_TEXT_EMBEDS, sdxl_inputs, tiny_sdxl_unet
 from tests.controlnet_hosts import control, fed_output, train
-from tests.helpers import assert_same_snapshot, run_python, snapshot
+from tests.helpers import assert_model_unchanged, model_snapshot, run_python
 
 HEAD = [8, 16]  # condition head: the image is twice the latent size
 
@@ -173,7 +173,7 @@ def test_other_added_embeddings_are_refused_before_anything_is_attached(change, 
     config = {k: v for k, v in tiny_sdxl_unet().config.items() if not k.startswith("_")}
     config.update(addition_embed_type=None, addition_time_embed_dim=None, projection_class_embeddings_input_dim=None)
     unet = UNet2DConditionModel(**{**config, **change})
-    before = snapshot(unet)
+    before = model_snapshot(unet)
     with pytest.raises(UnsupportedLayerError, match=f"UNet2DConditionModel.*{missing}"):
         get_peft_model(unet, sdxl_config())
-    assert_same_snapshot(before, snapshot(unet))
+    assert_model_unchanged(before, unet)

@@ -1,6 +1,9 @@
 """The many -> many plugin kind (MultiPluginBlock) with the ControlNet example and the input feeder."""
 
+import asyncio
+import contextvars
 import copy
+import threading
 
 import pytest
 import torch
@@ -296,3 +299,67 @@ def test_in_place_next_to_a_lora_and_set_adapters_scale(unet, unet_batch):
     unet.delete_adapters("cn")
     torch.testing.assert_close(unet_out(unet, unet_batch), lora_only, rtol=0, atol=1e-6)
     assert hook_count(unet) == 0
+
+
+def test_feed_is_per_call_across_threads(unet, unet_batch):
+    """Four threads feed different conditions through one model at once: each gets its own output."""
+    model = get_peft_model(unet, cn_config())
+    conds = [cond_image(seed=seed) for seed in range(4)]
+    references = [fed_out(model, unet_batch, cond) for cond in conds]
+    start = threading.Barrier(len(conds))
+    results: dict[int, list[torch.Tensor]] = {}
+
+    def worker(index: int) -> None:
+        torch.set_num_threads(1)
+        start.wait()
+        results[index] = [fed_out(model, unet_batch, conds[index]) for _ in range(3)]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(conds))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for index, reference in enumerate(references):
+        assert all(torch.equal(out, reference) for out in results[index]), f"thread {index} got another call's values"
+
+
+def test_feed_is_per_task_across_interleaved_asyncio_tasks(unet, unet_batch):
+    """Each task enters its feed, yields to the others, then calls: each still gets its own condition."""
+    model = get_peft_model(unet, cn_config())
+    conds = [cond_image(seed=seed) for seed in range(3)]
+    references = [fed_out(model, unet_batch, cond) for cond in conds]
+
+    async def call(cond: torch.Tensor) -> torch.Tensor:
+        with peft_hcp.feed(model, cond=cond):
+            await asyncio.sleep(0)  # the other tasks enter their feeds now
+            with torch.no_grad():
+                return model(*unet_batch).sample
+
+    async def main() -> list[torch.Tensor]:
+        return await asyncio.gather(*(call(cond) for cond in conds))
+
+    for out, reference in zip(asyncio.run(main()), references):
+        assert torch.equal(out, reference)
+
+
+def test_fed_values_reach_an_autograd_worker_thread(unet):
+    """CUDA backward (checkpoint recomputation) runs on torch's worker threads, which get the launching
+    thread's context only as the stashed copy torch puts in their thread-local state: simulate one."""
+    model = get_peft_model(unet, cn_config())
+    block = model.get_base_model().hcp_controlnet.blocks["default"]
+    cond = cond_image()
+    seen = []
+
+    def worker(context) -> None:
+        seen.append("cond" in block.inputs)  # a plain thread: no feed
+        torch._C._stash_obj_in_tls("context", context)
+        try:
+            seen.append(block.inputs["cond"] is cond)
+        finally:
+            torch._C._remove_obj_from_tls("context")
+
+    with peft_hcp.feed(model, cond=cond):
+        thread = threading.Thread(target=worker, args=(contextvars.copy_context(),))
+        thread.start()
+        thread.join(timeout=60)
+    assert seen == [False, True]

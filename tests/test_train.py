@@ -29,7 +29,12 @@ from peft_hcp.train import (
     parse_section,
     train,
 )
-from peft_hcp.train.checkpoint import latest_checkpoint, save_checkpoint
+from peft_hcp.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
 from peft_hcp.train.data import FolderDataset, ShapesDataset
 from tests.helpers import unet_out
 
@@ -301,6 +306,31 @@ def test_an_interrupted_save_leaves_the_last_checkpoint(tmp_path, monkeypatch):
     assert os.path.isfile(os.path.join(good, "unet", "adapter_model.safetensors"))
 
 
+@pytest.mark.parametrize("crash_at", [1, 2])  # os.replace 1: the old folder aside, 2: the new one in
+def test_saving_a_step_again_keeps_a_complete_checkpoint_at_every_point(tmp_path, monkeypatch, crash_at):
+    unet = tiny_unet()
+    groups = attach_plugins({"unet": unet}, _entries(SEED_LORA))
+    optimizer = torch.optim.AdamW(groups)
+    pipe = types.SimpleNamespace(components={"unet": unet}, unet=unet, text_encoder=None)
+    folder = save_checkpoint(pipe, str(tmp_path), 5, optimizer, {"which": "old"})
+    real_replace, calls = os.replace, []
+
+    def replace(*args):
+        calls.append(args)
+        if len(calls) == crash_at:
+            raise KeyboardInterrupt
+        real_replace(*args)
+
+    monkeypatch.setattr("peft_hcp.train.checkpoint.os.replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(pipe, str(tmp_path), 5, optimizer, {"which": "new"})
+    monkeypatch.undo()
+    assert latest_checkpoint(str(tmp_path)) == folder
+    assert read_state(folder)["which"] == "old"
+    assert load_checkpoint(pipe, folder, optimizer) == 5
+    assert [n for n in os.listdir(os.path.dirname(folder)) if not n.startswith(".tmp-")] == ["step-000005"]
+
+
 def test_sample_command_writes_on_images_and_an_off_on_grid(run20, tmp_path, capsys):
     adapter = os.path.join(run20, "checkpoints", "step-000020")
     out = str(tmp_path / "s")
@@ -317,6 +347,33 @@ def test_cli_reports_a_bad_config_cleanly(tmp_path, capsys):
     bad.write_text("plugin_unet:\n  lora1:\n    _target_: os.system\n    _partial_: True\n    lr: 1\n")
     assert main(["train", str(bad), f"output_dir={tmp_path / 'o'}"]) == 2
     assert "plugin_unet.lora1: _target_ 'os.system' is not a registered" in capsys.readouterr().err
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_cli_names_a_malformed_yaml_file_and_its_line(tmp_path, capsys):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("steps: 3\nplugin_unet:\n  lora1: [1, 2\n  lora2: x\n")
+    assert main(["train", str(bad)]) == 2
+    assert re.search(r"broken\.yaml: not valid YAML: line \d+, column \d+", _one_error_line(capsys))
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_cli_names_an_unreadable_training_image(tmp_path, capsys, damage):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64), "red").save(data / "good.png")
+    whole = (data / "good.png").read_bytes()
+    (data / "good.png").unlink()
+    (data / "bad.png").write_bytes(b"not an image at all" * 10 if damage == "corrupt" else whole[: len(whole) // 2])
+    (data / "bad.txt").write_text("a red square")
+    args = ["train", LORA, f"data={data}", f"output_dir={tmp_path / 'o'}", "steps=1", *FAST]
+    assert main(args) == 2
+    assert f"{data / 'bad.png'}: cannot read the image" in _one_error_line(capsys)
 
 
 # -- the shipped configs ----------------------------------------------------------------------------

@@ -66,9 +66,15 @@ class HcpConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """PEFT's loader, after checking that the weights beside the config are whole safetensors."""
+        """PEFT's loader, after checking that the weights beside the config are whole safetensors.
+
+        The config is marked ``awaiting_checkpoint`` (not saved): an adapter attached with it is removed again
+        if its checkpoint's weights are refused (see :mod:`peft_hcp.base.tuner`).
+        """
         _check_weights_source(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config.awaiting_checkpoint = True
+        return config
 
 
 def _check_weights_source(source: str, subfolder: Optional[str], hub_kwargs: dict) -> None:

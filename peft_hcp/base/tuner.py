@@ -7,6 +7,13 @@ adapters' wrappers around this one (so two kinds stacked on one layer load back 
 Loading is strict: a checkpoint with missing, unknown or mis-shaped weights is refused with the names,
 where PEFT would load it half (``strict=False``).
 
+*Refusals change nothing.* ``inject_adapter`` (behind ``get_peft_model``, ``PeftModel.add_adapter``,
+``inject_adapter_in_model`` and diffusers' ``add_adapter``) snapshots the model and restores it when any step
+refuses: module tree, ``requires_grad``, hooks, the adapter's ``peft_config`` entry, and diffusers'
+``_hf_peft_config_loaded`` when no adapter is left (diffusers sets it before injecting). An adapter whose config
+was read from a checkpoint (``PeftModel.load_adapter``, ``from_pretrained``, ``peft_hcp.load_adapter``) is
+removed again when that checkpoint's weights are refused, so a failed load leaves no half-attached adapter.
+
 *Removing adapters.* ``delete_adapter`` and ``unload`` leave no empty tuner layer behind and put every host
 object back; ``unload`` also unwraps PEFT's ``modules_to_save`` copies, as PEFT's own tuners do.
 """
@@ -14,7 +21,8 @@ object back; ``unload`` also unwraps PEFT's ``modules_to_save`` copies, as PEFT'
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Optional
+import weakref
+from typing import Any, ClassVar, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -22,8 +30,13 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from peft_hcp.base.blocks import BlockLayer
+from peft_hcp.base.snapshot import ModelSnapshot
 from peft_hcp.errors import CheckpointError, few
 from peft_hcp.registry import bind_type
+
+#: the model as it was before an adapter whose config was read from a checkpoint was attached, until its
+#: weights are loaded (keyed by the config's id)
+_attached_for_load: dict[int, ModelSnapshot] = {}
 
 
 class HcpTuner(BaseTuner):
@@ -60,6 +73,31 @@ class HcpTuner(BaseTuner):
         """Attach ``adapter_name`` at ``target`` (called ``target_name`` in ``parent``): per kind."""
         raise NotImplementedError
 
+    # -- attaching ----------------------------------------------------------------------------
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """PEFT's ``inject_adapter``, all or nothing: a refusal leaves ``model`` as it was."""
+        snapshot = ModelSnapshot.take(model)
+        targeted = list(self.targeted_module_names)
+        config = self.peft_config[adapter_name]
+        try:
+            self._check_host(model, config)
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:
+            snapshot.restore()
+            self.targeted_module_names[:] = targeted
+            self.peft_config.pop(adapter_name, None)
+            if not getattr(model, "peft_config", None):
+                model.__dict__.pop("peft_config", None)
+                model.__dict__.pop("_hf_peft_config_loaded", None)  # diffusers' add_adapter set it before calling us
+            raise
+        if getattr(config, "awaiting_checkpoint", False):
+            _attached_for_load[id(config)] = snapshot
+            weakref.finalize(config, _attached_for_load.pop, id(config), None)
+
+    def _check_host(self, model: nn.Module, config: Any) -> None:
+        """Refuse a model this kind cannot attach to, before anything changes: per kind."""
+
     # -- checkpoint keys -----------------------------------------------------------------------
 
     @classmethod
@@ -71,6 +109,23 @@ class HcpTuner(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
+        try:
+            remapped = cls._check_checkpoint(model, config, adapter_name, state_dict)
+        except CheckpointError:
+            before = _attached_for_load.pop(id(config), None)
+            if before is not None:  # attached for this load: take it off again
+                _discard_adapter(model, adapter_name)
+                before.restore()  # the trainability the attach changed
+            raise
+        if _attached_for_load.pop(id(config), None) is not None:
+            config.awaiting_checkpoint = False  # loaded: from now on the adapter is the user's
+        return remapped
+
+    @classmethod
+    def _check_checkpoint(
+        cls, model: nn.Module, config, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """PEFT's key translation, then the strict check: raise ``CheckpointError`` naming what does not fit."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         attr = f".{cls.tuner_layer_cls.blocks_attr}."
         marker = f"{attr}{adapter_name}."
@@ -140,3 +195,18 @@ class HcpTuner(BaseTuner):
             # PEFT takes the new active adapter from the first layer it meets, which may hold none
             self.set_adapter(sorted(self.peft_config)[0])
 
+
+
+def _discard_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove ``adapter_name`` from a ``PeftModel`` or from a model adapted in place."""
+    from peft import PeftModel
+
+    from peft_hcp.adapter_set import detach  # the in-place bookkeeping lives there
+
+    if isinstance(model, PeftModel):
+        model.delete_adapter(adapter_name)
+        base = model.base_model.model
+        if not getattr(base, "peft_config", None):  # its last adapter: from_pretrained failed
+            base.__dict__.pop("peft_config", None)
+    else:
+        detach(model, adapter_name)

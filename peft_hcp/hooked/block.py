@@ -10,10 +10,17 @@ available), ``prehook:`` runs it before the layer (only its inputs are).
 What a block reads in a from-hook stays in :attr:`cache` until the next forward overwrites it. Keeping it,
 rather than popping it, is what makes activation checkpointing work: a recomputed to-layer reads the same
 value again.
+
+*Calls in parallel.* Inside :func:`peft_hcp.feed` the fed inputs and the activation caches belong to that
+``with`` block (a :class:`CallState` in a ``contextvars.ContextVar``), not to the shared block: threads and
+asyncio tasks each running their own ``feed`` through one model do not see each other's values. Outside any
+``feed`` a block uses its own cache, so one model runs one such call at a time.
 """
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -33,6 +40,28 @@ class ActivationCache(dict):
         return (type(self), ())
 
 
+@dataclass
+class CallState:
+    """The fed inputs and activation caches of one ``feed`` block, keyed by plugin block id."""
+
+    inputs: dict[int, ActivationCache] = field(default_factory=dict)
+    caches: dict[int, ActivationCache] = field(default_factory=dict)
+
+
+#: the state of the ``feed`` block the current thread / asyncio task runs in, if any
+current_call: ContextVar[Optional[CallState]] = ContextVar("peft_hcp_call", default=None)
+
+
+def call_state() -> Optional[CallState]:
+    """The current ``feed`` block's state. On an autograd device thread (activation checkpointing recomputing
+    during a CUDA backward) it is the state of the thread that launched ``backward()``: torch stashes that
+    thread's ``contextvars`` context in the thread-local state it hands to its worker threads."""
+    call = current_call.get()
+    if call is None and torch._C._is_key_in_tls("context"):
+        call = torch._C._get_obj_in_tls("context").get(current_call)
+    return call
+
+
 class _HookedBlock(WeightedBlock):
     """What both cross-layer kinds share: an activation cache and an adapter weight."""
 
@@ -40,8 +69,16 @@ class _HookedBlock(WeightedBlock):
 
     def __init__(self) -> None:
         super().__init__()
-        self.cache = ActivationCache()
+        self._own_cache = ActivationCache()
         self.adapter_name = ""
+
+    @property
+    def cache(self) -> ActivationCache:
+        """Activations of the current call: those of the enclosing ``feed`` block, else this block's own."""
+        call = call_state()
+        if call is None:
+            return self._own_cache
+        return call.caches.setdefault(id(self), ActivationCache())
 
     @classmethod
     def check_host(cls, host: nn.Module, config: Any) -> None:
@@ -105,7 +142,12 @@ class MultiPluginBlock(_HookedBlock):
         super().__init__()
         self.from_names = [t.name for t in from_layers]
         self.to_names = [t.name for t in to_layers]
-        self.inputs = ActivationCache()
+
+    @property
+    def inputs(self) -> ActivationCache:
+        """The inputs fed to this block by the enclosing :func:`peft_hcp.feed` (empty outside one)."""
+        call = call_state()
+        return ActivationCache() if call is None else call.inputs.get(id(self), ActivationCache())
 
     @classmethod
     def default_layers(cls, host: nn.Module) -> tuple[list[str], list[str]]:

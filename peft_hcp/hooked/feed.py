@@ -14,6 +14,11 @@ module, which a DDP wrapper hides; walking ``modules()`` reaches the plugins thr
 Checks: a key no plugin takes, or a plugin left without a key it takes, is an error naming both sides.
 Several plugins taking the same key get the same value. On exit the previous inputs come back, so
 feeds nest. The feeder only delivers; each plugin checks the values it gets (shapes, batch).
+
+The fed inputs and the plugins' activation caches belong to the ``with`` block (a ``contextvars`` value),
+never to the shared model: several threads or asyncio tasks may each run their own ``feed`` through one
+model at the same time. Run the backward pass of a fed call inside its ``with`` block (activation
+checkpointing recomputes from the cached values there).
 """
 
 from __future__ import annotations
@@ -24,7 +29,12 @@ from typing import Any
 
 from torch import nn
 
-from peft_hcp.hooked.block import ActivationCache, MultiPluginBlock
+from peft_hcp.hooked.block import (
+    ActivationCache,
+    CallState,
+    MultiPluginBlock,
+    current_call,
+)
 
 
 def _modules_of(target: Any) -> list[nn.Module]:
@@ -65,11 +75,10 @@ def feed(target: Any, **inputs: Any) -> Iterator[None]:
                 f"feed(): {type(plugin).__name__} (adapter {plugin.adapter_name!r}) needs {missing} as well; "
                 f"got {sorted(inputs)}."
             )
-    previous = [(plugin, plugin.inputs) for plugin in plugins]
-    for plugin in plugins:
-        plugin.inputs = ActivationCache({key: inputs[key] for key in plugin.input_keys})
+    outer = current_call.get()
+    fed = {id(plugin): ActivationCache({key: inputs[key] for key in plugin.input_keys}) for plugin in plugins}
+    token = current_call.set(CallState(inputs={**(outer.inputs if outer else {}), **fed}))
     try:
         yield
     finally:
-        for plugin, old in previous:
-            plugin.inputs = old
+        current_call.reset(token)

@@ -38,16 +38,12 @@ class HcpHookedModel(HcpTuner):
         working.target_modules = [self.container_name()]
         return working
 
+    def _check_host(self, model: nn.Module, config: Any) -> None:
+        self.tuner_layer_cls.block_cls.check_host(model, config)
+
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        self.tuner_layer_cls.block_cls.check_host(model, self.peft_config[adapter_name])
         self._first_tuner_layer = False
-        had_container = hasattr(model, self.container_name())
-        try:
-            super().inject_adapter(model, adapter_name, *args, **kwargs)
-        except Exception:
-            if not had_container and hasattr(model, self.container_name()):
-                delattr(model, self.container_name())
-            raise
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
         if self._first_tuner_layer:
             # PEFT keeps the trainability of existing parameters once a tuner layer exists, and our
             # container exists before its loop runs: freeze the base model as a first injection should.

@@ -5,8 +5,9 @@ Layout of ``<output_dir>/checkpoints/step-000020/``: the adapters as a peft-hcp 
 ``adapter_model.safetensors``, plus ``adapter_set.json``), ``optimizer.safetensors`` (the optimizer's
 tensors) and ``train_state.json`` (step, optimizer scalars). The folder appears under its final name
 only when complete and on disk (files and folder fsynced, then ``os.replace`` of ``.tmp-step-...``); a
-step saved again swaps the new folder in before the old one is deleted. An interrupted run therefore
-leaves the previous checkpoint intact, and resuming never sees a half-written one.
+step saved again swaps the new folder in before the old one is deleted; a run interrupted between the two
+renames leaves the old folder aside as ``.old-step-...``, which :func:`latest_checkpoint` renames back. An
+interrupted run therefore leaves the previous checkpoint intact, and resuming never sees a half-written one.
 """
 
 from __future__ import annotations
@@ -78,12 +79,25 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     root = os.path.join(output_dir, "checkpoints")
     if not os.path.isdir(root):
         return None
+    _recover_swapped(root)
     steps = [
         (int(m.group(1)), name)
         for name in os.listdir(root)
         if (m := _STEP_DIR.fullmatch(name)) and os.path.isfile(os.path.join(root, name, STATE_NAME))
     ]
     return os.path.join(root, max(steps)[1]) if steps else None
+
+
+def _recover_swapped(root: str) -> None:
+    """Finish or undo a swap interrupted between its renames (see :func:`save_checkpoint`)."""
+    for name in os.listdir(root):
+        if not (name.startswith(".old-") and _STEP_DIR.fullmatch(name[len(".old-"):])):
+            continue
+        aside, final = os.path.join(root, name), os.path.join(root, name[len(".old-"):])
+        if os.path.isfile(os.path.join(final, STATE_NAME)):
+            shutil.rmtree(aside)  # the new folder is in: the old one only had not been deleted yet
+        else:
+            os.replace(aside, final)  # the new folder never got in: the old one is the checkpoint
 
 
 def read_state(folder: str) -> dict:

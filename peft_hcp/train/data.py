@@ -110,11 +110,18 @@ class FolderDataset:
 
     def __getitem__(self, index: int) -> dict:
         image_path, caption_path = self.items[index]
-        with Image.open(image_path) as image:
-            pixels = to_tensor(image, self.resolution)
+        try:
+            with Image.open(image_path) as image:
+                pixels = to_tensor(image, self.resolution)
+        except OSError as exc:  # not an image, or a truncated / corrupt one (PIL says which)
+            raise ImageFileError(f"{image_path}: cannot read the image: {exc}") from exc
         with open(caption_path, encoding="utf-8") as handle:
             caption = handle.read().strip()
         return {"pixels": pixels, "caption": caption, "cond": edge_map(pixels)}
+
+
+class ImageFileError(ValueError):
+    """A training image that cannot be decoded; the message names the file."""
 
 
 def make_dataset(data: Optional[str], resolution: int, size: int, seed: int):

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -74,8 +75,12 @@ def load_settings(path: Optional[str], overrides: Sequence[str] = ()) -> DictCon
             raise FileNotFoundError(f"Config file {path!r} does not exist.")
         try:
             layers.append((path, OmegaConf.load(path)))
-        except (OmegaConfBaseException, ValueError) as exc:
-            raise SettingsError(f"{path}: not a readable YAML config: {exc}") from exc
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            raise SettingsError(f"{path}: not valid YAML: {where}{exc.problem or exc.context}") from exc
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
+            raise SettingsError(f"{path}: not a readable YAML config: {' '.join(str(exc).split())}") from exc
     for item in overrides:
         if "=" not in item:
             raise SettingsError(f"Override {item!r} is not of the form key=value.")

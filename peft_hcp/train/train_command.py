@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from peft_hcp.errors import CheckpointError
+from peft_hcp.train.data import ImageFileError
 from peft_hcp.train.plugins import PluginConfigError
 from peft_hcp.train.settings import SettingsError
 
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = train(load_settings(args.config, args.overrides))
-    except (SettingsError, PluginConfigError, CheckpointError, FileNotFoundError) as exc:
+    except (SettingsError, PluginConfigError, CheckpointError, FileNotFoundError, ImageFileError) as exc:
         print(f"peft-hcp train: error: {exc}", file=sys.stderr)
         return 2
     if not result.main_process:
