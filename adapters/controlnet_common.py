@@ -21,23 +21,16 @@ from diffusers import ModelMixin
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from peft_hcp.base.snapshot import HOOK_TABLES
 from peft_hcp.hooked import MultiPluginBlock
 from peft_hcp.selectors import Target
-
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-)
 
 
 def clean_copy(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` without its forward hooks and with PEFT tuner layers unwrapped to their base."""
-    saved = [(m, {attr: m.__dict__[attr] for attr in _HOOK_DICTS}) for m in module.modules()]
+    saved = [(m, {attr: m.__dict__[attr] for attr in HOOK_TABLES}) for m in module.modules()]
     for m, _ in saved:
-        for attr in _HOOK_DICTS:
+        for attr in HOOK_TABLES:
             m.__dict__[attr] = OrderedDict()
     try:
         clone = copy.deepcopy(module)

@@ -9,6 +9,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from torch import nn
@@ -125,3 +126,12 @@ def run_python(
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def lycoris_network(tensors: dict[str, torch.Tensor], model: nn.Module):
+    """LyCORIS's own network built on ``model`` from a kohya/LyCORIS file's tensors (skips without lycoris-lora)."""
+    wrapper = pytest.importorskip("lycoris.wrapper")
+    names = {k.replace("lora_unet_", "lycoris_", 1): v for k, v in tensors.items()}
+    network, _ = wrapper.create_lycoris_from_weights(1.0, None, model, weights_sd=names)
+    assert len(network.loras) == len({k.split(".")[0] for k in tensors})
+    return network

@@ -18,7 +18,7 @@ from peft_hcp.hub.interchange import (
     import_kohya,
     kohya_name_table,
 )
-from tests.helpers import unet_out
+from tests.helpers import lycoris_network, unet_out
 
 # attention + feed-forward linears, and the resnet convolutions (3x3) and shortcut (1x1)
 TARGETS = ["re:.*attn.?$", "re:.*ff$", "re:.*resnets\\.\\d+\\.conv\\d$", "re:.*conv_shortcut$"]
@@ -201,14 +201,11 @@ def test_config_refuses_dora_with_a_lora_bias():
 
 
 def test_lycoris_applies_our_file_the_same(unet_batch, tmp_path):
-    wrapper = pytest.importorskip("lycoris.wrapper")
     unet = _dora_unet()
     out = unet_out(unet, unet_batch)
     tensors = export_kohya(unet, str(tmp_path / "net.safetensors"))
     reference = tiny_unet()
-    lycoris_names = {k.replace("lora_unet_", "lycoris_", 1): v for k, v in tensors.items()}
-    network, _ = wrapper.create_lycoris_from_weights(1.0, None, reference, weights_sd=lycoris_names)
-    assert len(network.loras) == len({k.split(".")[0] for k in tensors})
+    network = lycoris_network(tensors, reference)
     assert all(module.wd and module.wd_on_out for module in network.loras)
     network.apply_to()
     torch.testing.assert_close(unet_out(reference, unet_batch), out, atol=1e-5, rtol=0)

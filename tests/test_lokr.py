@@ -13,7 +13,7 @@ from peft_hcp import CheckpointError, HcpLokrConfig
 from peft_hcp.embedded import tiny_unet
 from peft_hcp.hub import attach
 from peft_hcp.hub.interchange import export_kohya, import_kohya
-from tests.helpers import unet_out
+from tests.helpers import lycoris_network, unet_out
 
 # every Linear and Conv2d (3x3, 1x1 and the 4-channel conv_in) of the tiny UNet
 EVERYTHING = [""]
@@ -197,13 +197,9 @@ def test_matches_lycoris_modules(unet, unet_batch, tmp_path):
 def test_lycoris_loads_our_file(unet, unet_batch, tmp_path):
     """``create_lycoris_from_weights`` on an exported file of Linear layers (its loader guesses conv shapes
     from the tensors and misreads a folded 3x3 kernel, so convolutions are checked by the test above)."""
-    wrapper = pytest.importorskip("lycoris.wrapper")
     attach(unet, HcpLokrConfig(target_modules=["re:.*(attn.|ff)$"], init_weights=False, r=2, alpha=3.0, decompose_both=True), "a")
     out = unet_out(unet, unet_batch)
     tensors = export_kohya(unet, str(tmp_path / "net.safetensors"))
     reference = tiny_unet()
-    lycoris_names = {k.replace("lora_unet_", "lycoris_", 1): v for k, v in tensors.items()}
-    network, _ = wrapper.create_lycoris_from_weights(1.0, None, reference, weights_sd=lycoris_names)
-    assert len(network.loras) == len({k.split(".")[0] for k in tensors})
-    network.apply_to()
+    lycoris_network(tensors, reference).apply_to()
     torch.testing.assert_close(unet_out(reference, unet_batch), out, atol=1e-5, rtol=0)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-_HOOK_TABLES = (
+#: the hook tables of an ``nn.Module``
+HOOK_TABLES = (
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
     "_forward_hooks_always_called",
@@ -33,7 +34,7 @@ class ModelSnapshot:
         return cls(
             children=[(m, dict(m._modules)) for m in modules],
             requires_grad=[(p, p.requires_grad) for p in model.parameters()],
-            hook_ids=[(m, {table: set(getattr(m, table)) for table in _HOOK_TABLES}) for m in modules],
+            hook_ids=[(m, {table: set(getattr(m, table)) for table in HOOK_TABLES}) for m in modules],
         )
 
     def restore(self) -> None:
