@@ -12,65 +12,31 @@ rather than popping it, is what makes activation checkpointing work: a recompute
 value again.
 
 *Calls in parallel.* Inside :func:`peft_hcp.feed` the fed inputs and the activation caches belong to that
-``with`` block (a :class:`CallState` in a ``contextvars.ContextVar``), not to the shared block: threads and
-asyncio tasks each running their own ``feed`` through one model do not see each other's values. Outside any
-``feed`` a block uses its own cache, so one model runs one such call at a time.
+``with`` block (a :class:`~peft_hcp.base.feed.CallState` in a ``contextvars.ContextVar``), not to the
+shared block: threads and asyncio tasks each running their own ``feed`` through one model do not see each
+other's values. Outside any ``feed`` a block uses its own cache, so one model runs one such call at a time.
 """
 
 from __future__ import annotations
 
-from contextvars import ContextVar
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
 from peft_hcp.base.blocks import WeightedBlock
+from peft_hcp.base.feed import ActivationCache, call_state
 from peft_hcp.selectors import Target
 
 
-class ActivationCache(dict):
-    """Activations captured during a forward. A deep copy of a model starts with an empty cache."""
-
-    def __deepcopy__(self, memo: dict) -> "ActivationCache":
-        return type(self)()
-
-    def __reduce__(self):  # pickling (e.g. for multiprocessing) drops activations too
-        return (type(self), ())
-
-
-@dataclass
-class CallState:
-    """The fed inputs and activation caches of one ``feed`` block, keyed by plugin block id."""
-
-    inputs: dict[int, ActivationCache] = field(default_factory=dict)
-    caches: dict[int, ActivationCache] = field(default_factory=dict)
-
-
-#: the state of the ``feed`` block the current thread / asyncio task runs in, if any
-current_call: ContextVar[Optional[CallState]] = ContextVar("peft_hcp_call", default=None)
-
-
-def call_state() -> Optional[CallState]:
-    """The current ``feed`` block's state. On an autograd device thread (activation checkpointing recomputing
-    during a CUDA backward) it is the state of the thread that launched ``backward()``: torch stashes that
-    thread's ``contextvars`` context in the thread-local state it hands to its worker threads."""
-    call = current_call.get()
-    if call is None and torch._C._is_key_in_tls("context"):
-        call = torch._C._get_obj_in_tls("context").get(current_call)
-    return call
-
-
 class _HookedBlock(WeightedBlock):
-    """What both cross-layer kinds share: an activation cache and an adapter weight."""
+    """What both cross-layer kinds share: an activation cache (per `feed` call, see the module docstring)."""
 
     supports_scaling: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
         self._own_cache = ActivationCache()
-        self.adapter_name = ""
 
     @property
     def cache(self) -> ActivationCache:
@@ -132,22 +98,13 @@ class MultiPluginBlock(_HookedBlock):
 
     ``from_layers`` / ``to_layers`` are the resolved layers in index order: the order of the selectors in
     the config, a regex contributing all its matches in model order at its position. The hooks get that
-    index. ``input_keys`` names the extra inputs the plugin takes through :func:`peft_hcp.feed`; fed
-    values are in :attr:`inputs` during the call.
+    index. Like every plugin block it may take fed inputs (``input_keys``, :meth:`require_input`).
     """
-
-    input_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, from_layers: list[Target], to_layers: list[Target], host: nn.Module, config: Any) -> None:
         super().__init__()
         self.from_names = [t.name for t in from_layers]
         self.to_names = [t.name for t in to_layers]
-
-    @property
-    def inputs(self) -> ActivationCache:
-        """The inputs fed to this block by the enclosing :func:`peft_hcp.feed` (empty outside one)."""
-        call = call_state()
-        return ActivationCache() if call is None else call.inputs.get(id(self), ActivationCache())
 
     @classmethod
     def default_layers(cls, host: nn.Module) -> tuple[list[str], list[str]]:
@@ -162,12 +119,3 @@ class MultiPluginBlock(_HookedBlock):
         """Change to-layer ``idx``: return its new output, or for a ``prehook:`` to-layer (``output is None``)
         its new ``(args, kwargs)``; ``None`` leaves it unchanged."""
         raise NotImplementedError
-
-    def require_input(self, key: str) -> Any:
-        """The fed input ``key``, or a clear error saying how to feed it."""
-        if key not in self.inputs:
-            raise ValueError(
-                f"{type(self).__name__} (adapter {self.adapter_name!r}) needs the input {key!r}: call the model "
-                f"inside `with peft_hcp.feed(model, {key}=...):`."
-            )
-        return self.inputs[key]
