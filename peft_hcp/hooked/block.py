@@ -19,6 +19,7 @@ other's values. Outside any ``feed`` a block uses its own cache, so one model ru
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -51,12 +52,57 @@ class _HookedBlock(WeightedBlock):
         """Refuse an unsupported ``host`` (raise, naming its type and what it lacks) before anything is attached."""
 
 
+def layer_inputs(args: tuple, kwargs: dict) -> tuple:
+    """A layer's positional inputs; a layer called with keywords only (diffusers' transformer blocks:
+    ``block(hidden_states=..., temb=...)``) presents its first keyword argument as the one input."""
+    if args or not kwargs:
+        return args
+    return (next(iter(kwargs.values())),)
+
+
+def with_first_input(args: tuple, kwargs: dict, new: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with the first input (see :func:`layer_inputs`) replaced by ``new``."""
+    if args or not kwargs:
+        return (new, *args[1:]), kwargs
+    first = next(iter(kwargs))
+    return args, {**kwargs, first: new}
+
+
+def element(value: Any, index: int = 0) -> Any:
+    """Element ``index`` of a layer's value: a tensor is itself (``index`` 0), a tuple or list gives its
+    ``index``-th item, a dataclass (diffusers' ``BaseOutput``) its ``index``-th field."""
+    if isinstance(value, (tuple, list)):
+        return value[index]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return getattr(value, dataclasses.fields(value)[index].name)
+    if index != 0:
+        raise IndexError(f"element {index} of a {type(value).__name__}: only tuples and dataclasses have several.")
+    return value
+
+
+def with_element(value: Any, index: int, new: Any) -> Any:
+    """``value`` with :func:`element` ``index`` replaced by ``new``, of the same type."""
+    if isinstance(value, (tuple, list)):
+        items = list(value)
+        items[index] = new
+        return type(value)(items) if type(value) in (tuple, list) else type(value)(*items)  # namedtuples
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{dataclasses.fields(value)[index].name: new})
+    return new
+
+
 class PluginBlock(_HookedBlock):
     """A plugin that reads one *from*-layer and changes one *to*-layer (HCP-Diffusion's ``PluginBlock``).
 
     Subclass it and write :meth:`forward`. The constructor gets the two resolved layers (``Target``:
     ``name``, ``module``, ``prehook``) and the adapter config. Set ``from_output = True`` to receive the
     from-layer's output instead of its inputs (not possible with a ``prehook:`` from-layer).
+
+    The layers may be any modules, whole transformer or ResNet blocks included. Their inputs come as a tuple
+    of the positional arguments; a layer called with keywords only presents its first keyword argument as
+    the one input (:func:`layer_inputs`). An output is passed as the layer returned it: a tensor, a tuple
+    (Flux's blocks return ``(encoder_hidden_states, hidden_states)``) or a dataclass (``BaseOutput``);
+    :func:`element` / :func:`with_element` read and rebuild one element of it.
     """
 
     from_output: ClassVar[bool] = False
@@ -71,12 +117,12 @@ class PluginBlock(_HookedBlock):
         """Return the to-layer's new output, or with a ``prehook:`` to-layer (``fea_out is None``) its new
         positional inputs (a tuple, or one tensor that replaces the first input).
 
-        ``fea_from`` is the from-layer's positional inputs (a tuple), or its output with ``from_output``.
+        ``fea_from`` is the from-layer's inputs (a tuple), or its output with ``from_output``.
         """
         raise NotImplementedError
 
     def from_layer_hook(self, args: tuple, kwargs: dict, output: Optional[Any]) -> None:
-        self.cache["from"] = output if self.from_output else args
+        self.cache["from"] = output if self.from_output else layer_inputs(args, kwargs)
 
     def to_layer_hook(self, args: tuple, kwargs: dict, output: Optional[Any]) -> Any:
         if "from" not in self.cache:
@@ -85,12 +131,15 @@ class PluginBlock(_HookedBlock):
                 f"its from-layer {self.from_name!r} in this forward; pick a from-layer that runs earlier "
                 "(or read it with 'prehook:')."
             )
+        fea_in = layer_inputs(args, kwargs)
         if output is not None:
-            return self(self.cache["from"], args, output)
-        new_args = self(self.cache["from"], args, None)
-        if isinstance(new_args, torch.Tensor):
-            new_args = (new_args, *args[1:])
-        return tuple(new_args), kwargs
+            return self(self.cache["from"], fea_in, output)
+        new_inputs = self(self.cache["from"], fea_in, None)
+        if isinstance(new_inputs, torch.Tensor):
+            return with_first_input(args, kwargs, new_inputs)
+        if not args and kwargs:
+            return with_first_input(args, kwargs, new_inputs[0])
+        return tuple(new_inputs), kwargs
 
 
 class MultiPluginBlock(_HookedBlock):
