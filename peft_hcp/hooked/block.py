@@ -85,7 +85,7 @@ def with_element(value: Any, index: int, new: Any) -> Any:
     if isinstance(value, (tuple, list)):
         items = list(value)
         items[index] = new
-        return type(value)(items) if type(value) in (tuple, list) else type(value)(*items)  # namedtuples
+        return value._replace(**{value._fields[index]: new}) if hasattr(value, "_fields") else type(value)(items)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.replace(value, **{dataclasses.fields(value)[index].name: new})
     return new
