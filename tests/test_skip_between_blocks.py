@@ -42,6 +42,11 @@ CASES = {
         tiny_unet, unet_inputs,
         dict(from_layer=["down_blocks.0.resnets.0"], to_layer=["up_blocks.1.resnets.1"], features=32),
     ),
+    # widths differ on the two sides (32 channels in, 64 out, both at 8x8): features=[from_width, to_width]
+    "unet_widening_resnet_skip": Case(
+        tiny_unet, unet_inputs,
+        dict(from_layer=["down_blocks.1.resnets.0"], to_layer=["up_blocks.0.resnets.0"], features=[32, 64]),
+    ),
 }
 
 
