@@ -12,22 +12,47 @@ too: diffusers calls ``set_scale(adapter, weight)`` on every tuner layer, and ``
 ``unscale_layer`` around a pipeline call given a LoRA scale. A block that can weight its effect sets
 ``supports_scaling`` and multiplies by ``self.scaling``; one that cannot refuses an explicit weight other
 than 1.0, and is skipped by a pipeline-wide LoRA scale (meant for the LoRA-like adapters beside it).
+
+Fed inputs (see :mod:`peft_hcp.base.feed`) are shared the same way: a block of any kind names the extra
+inputs it takes in ``input_keys`` and reads them with :meth:`WeightedBlock.require_input` during the call.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from peft_hcp.base.feed import ActivationCache, call_state
+
 
 class WeightedBlock(nn.Module):
-    """Base of every plugin block: ``scaling`` is ``base_scaling`` (the trained strength) times the weight."""
+    """Base of every plugin block: ``scaling`` is ``base_scaling`` (the trained strength) times the weight;
+    ``input_keys`` names the extra inputs it takes through :func:`peft_hcp.feed`."""
 
     supports_scaling: ClassVar[bool] = False
+    input_keys: ClassVar[tuple[str, ...]] = ()
     base_scaling: float = 1.0
     scaling: float = 1.0
+    #: the adapter this block belongs to (set by its layer), for error messages
+    adapter_name: str = ""
+
+    @property
+    def inputs(self) -> ActivationCache:
+        """The inputs fed to this block by the enclosing :func:`peft_hcp.feed` (empty outside one)."""
+        call = call_state()
+        return ActivationCache() if call is None else call.inputs.get(id(self), ActivationCache())
+
+    def require_input(self, key: str) -> Any:
+        """The fed input ``key``, or a clear error saying how to feed it."""
+        inputs = self.inputs
+        if key not in inputs:
+            raise ValueError(
+                f"{type(self).__name__} (adapter {self.adapter_name!r}) needs the input {key!r}: call the model "
+                f"inside `with peft_hcp.feed(model, {key}=...):`."
+            )
+        return inputs[key]
 
     def set_scale(self, scale: float) -> None:
         """Weight this block's effect by ``scale`` relative to its trained strength."""

@@ -39,7 +39,9 @@ class HostLayer(BlockLayer):
                 f"{self.block_cls.__name__} attaches to "
                 f"{'/'.join(c.__name__ for c in self.block_cls.wrapable_classes)} modules, not {type(host).__name__}."
             )
-        self.blocks[adapter_name] = self.block_cls(host, config)
+        block = self.block_cls(host, config)
+        block.adapter_name = adapter_name
+        self.blocks[adapter_name] = block
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 

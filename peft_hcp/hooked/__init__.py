@@ -2,7 +2,8 @@
 to another: a learned skip) and ``MultiPluginBlock`` (many layers to many: a ControlNet).
 
 ``block`` (what a plugin writes), ``config``, ``layer`` (the container on the model root that owns the
-blocks and the hooks), ``model`` (the PEFT tuner), ``feed`` (extra inputs for a call).
+blocks and the hooks), ``model`` (the PEFT tuner); ``feed`` is re-exported from :mod:`peft_hcp.base.feed`,
+which feeds the plugins of every kind.
 """
 
 from peft_hcp.hooked.block import ActivationCache, MultiPluginBlock, PluginBlock

@@ -12,65 +12,32 @@ rather than popping it, is what makes activation checkpointing work: a recompute
 value again.
 
 *Calls in parallel.* Inside :func:`peft_hcp.feed` the fed inputs and the activation caches belong to that
-``with`` block (a :class:`CallState` in a ``contextvars.ContextVar``), not to the shared block: threads and
-asyncio tasks each running their own ``feed`` through one model do not see each other's values. Outside any
-``feed`` a block uses its own cache, so one model runs one such call at a time.
+``with`` block (a :class:`~peft_hcp.base.feed.CallState` in a ``contextvars.ContextVar``), not to the
+shared block: threads and asyncio tasks each running their own ``feed`` through one model do not see each
+other's values. Outside any ``feed`` a block uses its own cache, so one model runs one such call at a time.
 """
 
 from __future__ import annotations
 
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+import dataclasses
 from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
 from peft_hcp.base.blocks import WeightedBlock
+from peft_hcp.base.feed import ActivationCache, call_state
 from peft_hcp.selectors import Target
 
 
-class ActivationCache(dict):
-    """Activations captured during a forward. A deep copy of a model starts with an empty cache."""
-
-    def __deepcopy__(self, memo: dict) -> "ActivationCache":
-        return type(self)()
-
-    def __reduce__(self):  # pickling (e.g. for multiprocessing) drops activations too
-        return (type(self), ())
-
-
-@dataclass
-class CallState:
-    """The fed inputs and activation caches of one ``feed`` block, keyed by plugin block id."""
-
-    inputs: dict[int, ActivationCache] = field(default_factory=dict)
-    caches: dict[int, ActivationCache] = field(default_factory=dict)
-
-
-#: the state of the ``feed`` block the current thread / asyncio task runs in, if any
-current_call: ContextVar[Optional[CallState]] = ContextVar("peft_hcp_call", default=None)
-
-
-def call_state() -> Optional[CallState]:
-    """The current ``feed`` block's state. On an autograd device thread (activation checkpointing recomputing
-    during a CUDA backward) it is the state of the thread that launched ``backward()``: torch stashes that
-    thread's ``contextvars`` context in the thread-local state it hands to its worker threads."""
-    call = current_call.get()
-    if call is None and torch._C._is_key_in_tls("context"):
-        call = torch._C._get_obj_in_tls("context").get(current_call)
-    return call
-
-
 class _HookedBlock(WeightedBlock):
-    """What both cross-layer kinds share: an activation cache and an adapter weight."""
+    """What both cross-layer kinds share: an activation cache (per `feed` call, see the module docstring)."""
 
     supports_scaling: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
         self._own_cache = ActivationCache()
-        self.adapter_name = ""
 
     @property
     def cache(self) -> ActivationCache:
@@ -85,12 +52,57 @@ class _HookedBlock(WeightedBlock):
         """Refuse an unsupported ``host`` (raise, naming its type and what it lacks) before anything is attached."""
 
 
+def layer_inputs(args: tuple, kwargs: dict) -> tuple:
+    """A layer's positional inputs; a layer called with keywords only (diffusers' transformer blocks:
+    ``block(hidden_states=..., temb=...)``) presents its first keyword argument as the one input."""
+    if args or not kwargs:
+        return args
+    return (next(iter(kwargs.values())),)
+
+
+def with_first_input(args: tuple, kwargs: dict, new: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with the first input (see :func:`layer_inputs`) replaced by ``new``."""
+    if args or not kwargs:
+        return (new, *args[1:]), kwargs
+    first = next(iter(kwargs))
+    return args, {**kwargs, first: new}
+
+
+def element(value: Any, index: int = 0) -> Any:
+    """Element ``index`` of a layer's value: a tensor is itself (``index`` 0), a tuple or list gives its
+    ``index``-th item, a dataclass (diffusers' ``BaseOutput``) its ``index``-th field."""
+    if isinstance(value, (tuple, list)):
+        return value[index]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return getattr(value, dataclasses.fields(value)[index].name)
+    if index != 0:
+        raise IndexError(f"element {index} of a {type(value).__name__}: only tuples and dataclasses have several.")
+    return value
+
+
+def with_element(value: Any, index: int, new: Any) -> Any:
+    """``value`` with :func:`element` ``index`` replaced by ``new``, of the same type."""
+    if isinstance(value, (tuple, list)):
+        items = list(value)
+        items[index] = new
+        return value._replace(**{value._fields[index]: new}) if hasattr(value, "_fields") else type(value)(items)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{dataclasses.fields(value)[index].name: new})
+    return new
+
+
 class PluginBlock(_HookedBlock):
     """A plugin that reads one *from*-layer and changes one *to*-layer (HCP-Diffusion's ``PluginBlock``).
 
     Subclass it and write :meth:`forward`. The constructor gets the two resolved layers (``Target``:
     ``name``, ``module``, ``prehook``) and the adapter config. Set ``from_output = True`` to receive the
     from-layer's output instead of its inputs (not possible with a ``prehook:`` from-layer).
+
+    The layers may be any modules, whole transformer or ResNet blocks included. Their inputs come as a tuple
+    of the positional arguments; a layer called with keywords only presents its first keyword argument as
+    the one input (:func:`layer_inputs`). An output is passed as the layer returned it: a tensor, a tuple
+    (Flux's blocks return ``(encoder_hidden_states, hidden_states)``) or a dataclass (``BaseOutput``);
+    :func:`element` / :func:`with_element` read and rebuild one element of it.
     """
 
     from_output: ClassVar[bool] = False
@@ -105,12 +117,12 @@ class PluginBlock(_HookedBlock):
         """Return the to-layer's new output, or with a ``prehook:`` to-layer (``fea_out is None``) its new
         positional inputs (a tuple, or one tensor that replaces the first input).
 
-        ``fea_from`` is the from-layer's positional inputs (a tuple), or its output with ``from_output``.
+        ``fea_from`` is the from-layer's inputs (a tuple), or its output with ``from_output``.
         """
         raise NotImplementedError
 
     def from_layer_hook(self, args: tuple, kwargs: dict, output: Optional[Any]) -> None:
-        self.cache["from"] = output if self.from_output else args
+        self.cache["from"] = output if self.from_output else layer_inputs(args, kwargs)
 
     def to_layer_hook(self, args: tuple, kwargs: dict, output: Optional[Any]) -> Any:
         if "from" not in self.cache:
@@ -119,12 +131,15 @@ class PluginBlock(_HookedBlock):
                 f"its from-layer {self.from_name!r} in this forward; pick a from-layer that runs earlier "
                 "(or read it with 'prehook:')."
             )
+        fea_in = layer_inputs(args, kwargs)
         if output is not None:
-            return self(self.cache["from"], args, output)
-        new_args = self(self.cache["from"], args, None)
-        if isinstance(new_args, torch.Tensor):
-            new_args = (new_args, *args[1:])
-        return tuple(new_args), kwargs
+            return self(self.cache["from"], fea_in, output)
+        new_inputs = self(self.cache["from"], fea_in, None)
+        if isinstance(new_inputs, torch.Tensor):
+            return with_first_input(args, kwargs, new_inputs)
+        if not args and kwargs:
+            return with_first_input(args, kwargs, new_inputs[0])
+        return tuple(new_inputs), kwargs
 
 
 class MultiPluginBlock(_HookedBlock):
@@ -132,22 +147,13 @@ class MultiPluginBlock(_HookedBlock):
 
     ``from_layers`` / ``to_layers`` are the resolved layers in index order: the order of the selectors in
     the config, a regex contributing all its matches in model order at its position. The hooks get that
-    index. ``input_keys`` names the extra inputs the plugin takes through :func:`peft_hcp.feed`; fed
-    values are in :attr:`inputs` during the call.
+    index. Like every plugin block it may take fed inputs (``input_keys``, :meth:`require_input`).
     """
-
-    input_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, from_layers: list[Target], to_layers: list[Target], host: nn.Module, config: Any) -> None:
         super().__init__()
         self.from_names = [t.name for t in from_layers]
         self.to_names = [t.name for t in to_layers]
-
-    @property
-    def inputs(self) -> ActivationCache:
-        """The inputs fed to this block by the enclosing :func:`peft_hcp.feed` (empty outside one)."""
-        call = call_state()
-        return ActivationCache() if call is None else call.inputs.get(id(self), ActivationCache())
 
     @classmethod
     def default_layers(cls, host: nn.Module) -> tuple[list[str], list[str]]:
@@ -162,12 +168,3 @@ class MultiPluginBlock(_HookedBlock):
         """Change to-layer ``idx``: return its new output, or for a ``prehook:`` to-layer (``output is None``)
         its new ``(args, kwargs)``; ``None`` leaves it unchanged."""
         raise NotImplementedError
-
-    def require_input(self, key: str) -> Any:
-        """The fed input ``key``, or a clear error saying how to feed it."""
-        if key not in self.inputs:
-            raise ValueError(
-                f"{type(self).__name__} (adapter {self.adapter_name!r}) needs the input {key!r}: call the model "
-                f"inside `with peft_hcp.feed(model, {key}=...):`."
-            )
-        return self.inputs[key]

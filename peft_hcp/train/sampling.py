@@ -10,7 +10,8 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image, ImageDraw
 
-from peft_hcp.hooked import MultiPluginBlock, feed
+from peft_hcp.base.blocks import WeightedBlock
+from peft_hcp.base.feed import feed
 
 
 @contextlib.contextmanager
@@ -25,7 +26,7 @@ def adapters_disabled(pipe) -> Iterator[None]:
 
 def needs_condition(pipe) -> bool:
     """Whether a plugin on the pipeline takes a condition image through the feeder."""
-    return any(isinstance(m, MultiPluginBlock) and "cond" in m.input_keys for m in pipe.unet.modules())
+    return any(isinstance(m, WeightedBlock) and "cond" in m.input_keys for m in pipe.unet.modules())
 
 
 @torch.no_grad()
