@@ -21,10 +21,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Optional
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from peft_hcp.base.feed import ActivationCache, call_state
+from peft_hcp.base.feed import COMPILED_INPUTS, ActivationCache, call_state
 
 
 class WeightedBlock(nn.Module):
@@ -41,6 +42,8 @@ class WeightedBlock(nn.Module):
     @property
     def inputs(self) -> ActivationCache:
         """The inputs fed to this block by the enclosing :func:`peft_hcp.feed` (empty outside one)."""
+        if torch.compiler.is_compiling():
+            return self.__dict__.get(COMPILED_INPUTS) or ActivationCache()
         call = call_state()
         return ActivationCache() if call is None else call.inputs.get(id(self), ActivationCache())
 

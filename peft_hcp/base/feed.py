@@ -19,7 +19,9 @@ feeds nest. The feeder only delivers; each plugin checks the values it gets (sha
 
 The fed inputs and the cross-layer plugins' activation caches belong to the ``with`` block (a
 :class:`CallState` in a ``contextvars`` value), never to the shared model: several threads or asyncio
-tasks may each run their own ``feed`` through one model at the same time. Run the backward pass of a fed
+tasks may each run their own ``feed`` through one model at the same time. Under ``torch.compile`` (which
+cannot trace a ``ContextVar``) plugins read their inputs from the block and cache on it instead, with no
+graph break: a compiled model runs one fed call at a time. Run the backward pass of a fed
 call inside its ``with`` block (activation checkpointing recomputes from the cached values there).
 """
 
@@ -58,6 +60,9 @@ class CallState:
 
 #: the state of the ``feed`` block the current thread / asyncio task runs in, if any
 current_call: ContextVar[Optional[CallState]] = ContextVar("peft_hcp_call", default=None)
+#: where ``feed`` also leaves each plugin's inputs for a ``torch.compile``d call: dynamo cannot trace a
+#: ``ContextVar`` (each read would break the graph), so compiled code reads this attribute of the block
+COMPILED_INPUTS = "_compiled_inputs"
 
 
 def call_state() -> Optional[CallState]:
@@ -116,7 +121,12 @@ def feed(target: Any, **inputs: Any) -> Iterator[None]:
     outer = current_call.get()
     fed = {id(plugin): ActivationCache({key: inputs[key] for key in plugin.input_keys}) for plugin in plugins}
     token = current_call.set(CallState(inputs={**(outer.inputs if outer else {}), **fed}))
+    mirrored = [(plugin, plugin.__dict__.get(COMPILED_INPUTS)) for plugin in plugins]
+    for plugin in plugins:
+        plugin.__dict__[COMPILED_INPUTS] = fed[id(plugin)]
     try:
         yield
     finally:
         current_call.reset(token)
+        for plugin, previous in mirrored:
+            plugin.__dict__[COMPILED_INPUTS] = previous

@@ -41,8 +41,9 @@ class _HookedBlock(WeightedBlock):
 
     @property
     def cache(self) -> ActivationCache:
-        """Activations of the current call: those of the enclosing ``feed`` block, else this block's own."""
-        call = call_state()
+        """Activations of the current call: those of the enclosing ``feed`` block, else (and when compiled)
+        this block's own."""
+        call = None if torch.compiler.is_compiling() else call_state()
         if call is None:
             return self._own_cache
         return call.caches.setdefault(id(self), ActivationCache())
