@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from peft_hcp.adapters.lowrank import check_rank, host_shape, resolve_rank, scaling
+from peft_hcp.lowrank_ops import dropout_down
 from peft_hcp.single.block import SinglePluginBlock
 from peft_hcp.single.config import HcpSingleConfig
 from peft_hcp.single.register import register_single_plugin
@@ -43,7 +44,7 @@ class LoraBlock(SinglePluginBlock):
 
     def forward(self, fea_in: tuple[torch.Tensor, ...], fea_out: torch.Tensor) -> torch.Tensor:
         x = fea_in[0].to(self.lora_down.weight.dtype)
-        return fea_out + (self.lora_up(self.lora_down(self.dropout(x))) * self.scaling).to(fea_out.dtype)
+        return fea_out + (self.lora_up(dropout_down(x, self.lora_down, self.dropout)) * self.scaling).to(fea_out.dtype)
 
     def get_delta_weight(self) -> torch.Tensor:
         up, down = self.lora_up.weight, self.lora_down.weight
