@@ -64,9 +64,9 @@ class DropoutProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight, packed = ctx.saved_tensors
+        mask = unpack_mask(packed, ctx.shape.numel()).view(ctx.shape)
         # in the forward's compute dtype (an autocast's), as autograd would differentiate it
-        mask = unpack_mask(packed, ctx.shape.numel()).view(ctx.shape).to(ctx.dtype)
-        dropped = None if x is None else x.to(ctx.dtype) * mask
+        dropped = None if x is None else x.to(ctx.dtype).where(mask, 0)
         grad_out = grad_out.to(ctx.dtype) * (1.0 / ctx.keep)
         grad_x, grad_weight = _project_backward(
             grad_out, dropped, weight.to(ctx.dtype), ctx.shape, ctx.geometry, ctx.needs_input_grad[:2]
@@ -114,21 +114,20 @@ def keep_mask(numel: int, keep: float, device: torch.device) -> torch.Tensor:
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A flat 0/1 tensor (length a multiple of 8) as bytes: bit ``k`` of byte ``j`` is ``mask[k * n / 8 + j]``.
+    """A flat float 0/1 mask (length a multiple of 8) as bytes: bit ``k`` of byte ``j`` is ``mask[k * n / 8 + j]``.
 
-    Bit planes of contiguous slices, rather than 8 neighbours per byte, keep both directions to a few
-    vectorised whole-tensor operations.
+    Bit planes of contiguous slices, rather than 8 neighbours per byte, make both directions two
+    whole-tensor operations each: here a product with the powers of two.
     """
-    planes = mask.view(_BITS_PER_BYTE, -1).to(torch.uint8)
-    return (planes << _bit_shifts(mask.device)).sum(0, dtype=torch.uint8)
+    return (_powers_of_two(mask.device, mask.dtype) @ mask.view(_BITS_PER_BYTE, -1)).to(torch.uint8)
 
 
 def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """The first ``numel`` elements of the flat bool tensor that :func:`pack_mask` packed."""
-    planes = packed >> _bit_shifts(packed.device)
-    return planes.bitwise_and_(1).view(torch.bool).view(-1)[:numel]
+    """The first ``numel`` elements of the mask :func:`pack_mask` packed, as a flat bool tensor."""
+    planes = packed & _powers_of_two(packed.device, torch.uint8).view(-1, 1)
+    return planes.ne_(0).view(torch.bool).view(-1)[:numel]
 
 
 @functools.lru_cache
-def _bit_shifts(device: torch.device) -> torch.Tensor:
-    return torch.arange(_BITS_PER_BYTE, dtype=torch.uint8, device=device).view(-1, 1)
+def _powers_of_two(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return (2 ** torch.arange(_BITS_PER_BYTE, device=device)).to(dtype)
