@@ -16,6 +16,7 @@ from torch import nn
 
 from peft_hcp.errors import CheckpointError
 from peft_hcp.single import HcpSingleConfig, HcpSingleModel, SinglePluginLayer
+from peft_hcp.single.dropout import dropout_down
 from peft_hcp.single.lowrank import (
     LowRankBlock,
     check_rank,
@@ -62,7 +63,7 @@ class LoraBlock(LowRankBlock):
         if "dora_scale" in self._parameters:
             return self._dora_forward(fea_in[0], fea_out)
         x = fea_in[0].to(self.lora_down.weight.dtype)
-        return fea_out + (self.lora_up(self.lora_down(self.dropout(x))) * self.scaling).to(fea_out.dtype)
+        return fea_out + (self.lora_up(dropout_down(x, self.lora_down, self.dropout)) * self.scaling).to(fea_out.dtype)
 
     def get_delta_weight(self) -> torch.Tensor:
         up, down = self.lora_up.weight, self.lora_down.weight

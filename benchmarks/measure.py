@@ -1,8 +1,9 @@
-"""Timing and memory measurement of two sides on one machine, interleaved so noise hits both.
+"""Timing and memory measurement of the sides of a pair on one machine, interleaved so noise hits all.
 
 Memory on CPU is the process's resident set: glibc is told to serve large blocks with ``mmap`` (so a
 freed tensor leaves the RSS at once) and the kernel's peak counter (``VmHWM``) is reset before each
-measured call. On CUDA it is the caching allocator's ``max_memory_allocated``.
+measured call. On CUDA it is the caching allocator's ``max_memory_allocated``. The bytes saved for
+backward (:func:`saved_for_backward`) are counted exactly, from the tensors autograd packs.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import ctypes
 import gc
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -71,42 +72,61 @@ def _reset_rss_peak() -> int:
 
 @dataclass
 class Timings:
-    """Seconds per call of each side, in the order they ran (A and B alternate)."""
+    """Seconds per call of each side, in the order they ran (the sides' order alternates)."""
 
-    hcp: list[float] = field(default_factory=list)
-    ref: list[float] = field(default_factory=list)
+    seconds: dict[str, list[float]] = field(default_factory=dict)
 
-    @property
-    def ratio(self) -> float:
-        """Median time of peft-hcp over median time of the reference."""
-        return statistics.median(self.hcp) / statistics.median(self.ref)
+    def ratio(self, side: str, reference: str) -> float:
+        """Median time of ``side`` over median time of ``reference``."""
+        return statistics.median(self.seconds[side]) / statistics.median(self.seconds[reference])
 
 
 def interleaved(
-    hcp: Callable[[], Callable[[], object]],
-    ref: Callable[[], Callable[[], object]],
-    repeats: int,
-    warmup: int,
-    device: torch.device,
+    sides: dict[str, Callable[[], Callable[[], object]]], repeats: int, warmup: int, device: torch.device
 ) -> Timings:
-    """Time the calls ``hcp()`` and ``ref()`` return, alternately, after ``warmup`` calls of each.
+    """Time the calls each ``sides[name]()`` returns, in turn, after ``warmup`` calls of each.
 
-    Rounds alternate AB and BA. Getting the call (``hcp()``) is not timed: one-shot operations such as
-    attaching an adapter prepare a fresh model there.
+    Rounds run the sides in order, then in reverse (AB BA ..., ABC CBA ...), so a drift of the
+    machine's speed hits all of them alike. Getting the call is not timed: one-shot operations such
+    as attaching an adapter prepare a fresh model there.
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
-        hcp()()
-        ref()()
-    timings = Timings()
+        for make in sides.values():
+            make()()
+    timings = Timings({name: [] for name in sides})
+    order = list(sides)
     for round_ in range(repeats):
-        order = [(hcp, timings.hcp), (ref, timings.ref)]
-        for make, out in order if round_ % 2 == 0 else reversed(order):
-            call = make()
+        for name in order if round_ % 2 == 0 else reversed(order):
+            call = sides[name]()
             sync()
             start = time.perf_counter()
             call()
             sync()
-            out.append(time.perf_counter() - start)
+            timings.seconds[name].append(time.perf_counter() - start)
             del call
     return timings
+
+
+def saved_for_backward(forward: Callable[[], object], weights: Iterable[torch.Tensor]) -> int:
+    """Bytes that autograd keeps for backward while ``forward()`` runs, not counting ``weights``.
+
+    Each storage counts once, however many saved tensors view it (q, k and v reading one input):
+    that is the memory the graph holds until backward. Sizes, not values, so the figure is exact
+    and the same on every run. Weights (parameters, buffers) are left out: they stay resident
+    whether or not anything is trained.
+    """
+    skip = {weight.untyped_storage().data_ptr() for weight in weights}
+    sizes: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            sizes[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = forward()  # held until summed: the graph keeps every saved storage alive, none is reused
+    total = sum(sizes.values())
+    del output
+    return total

@@ -1,12 +1,12 @@
 """The measured pairs. Each is a small function ``(workload) -> Pair``: peft-hcp against a reference.
 
 A pair whose peft-hcp module is not installed (a plugin kind still being written) raises
-:class:`Skip`, and the run lists it as skipped.
+:class:`Skip`, and the run lists it as skipped. Some pairs carry anchors too (HCP-Diffusion, LyCORIS:
+see :mod:`benchmarks.anchors`), measured as further reference columns, or skipped one by one.
 """
 
 from __future__ import annotations
 
-import importlib
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,14 +16,14 @@ from peft import LoHaConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from benchmarks import anchors
+from benchmarks.anchors import Skip, need
 from benchmarks.workload import TRAIN_TARGETS, Workload
 from peft_hcp import HcpLohaConfig, HcpLoraConfig
 
 RANK = 8
-
-
-class Skip(Exception):
-    """The pair cannot run here (a module is missing, no GPU ...); the message says why."""
+#: HCP-Diffusion's default LoRA dropout; PEFT's ``lora_dropout`` is set to the same
+DROPOUT = 0.1
 
 
 @dataclass
@@ -31,6 +31,7 @@ class Pair:
     """``hcp`` and ``ref`` are the timed calls; with ``fresh`` they make a new one-shot call each time.
 
     ``reference`` names what ``ref`` is; ``info`` holds facts checked while building the pair.
+    ``anchors`` are further references by name, ``skipped_anchors`` the reasons of those that cannot run.
     """
 
     reference: str
@@ -38,22 +39,33 @@ class Pair:
     ref: Callable[[], object]
     fresh: bool = False
     info: dict = field(default_factory=dict)
+    anchors: dict[str, Callable[[], object]] = field(default_factory=dict)
+    skipped_anchors: dict[str, str] = field(default_factory=dict)
+
+    def sides(self) -> dict[str, Callable[[], object]]:
+        """Every call to measure: ``hcp``, ``ref`` and the anchors."""
+        return {"hcp": self.hcp, "ref": self.ref, **self.anchors}
 
     def maker(self, side: str) -> Callable[[], Callable[[], object]]:
-        """A factory of the call to time for ``side`` (``"hcp"`` or ``"ref"``)."""
-        call = getattr(self, side)
+        """A factory of the call to time for ``side`` (``"hcp"``, ``"ref"`` or an anchor's name)."""
+        call = self.sides()[side]
         return call if self.fresh else (lambda: call)
 
-
-def _need(module: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise Skip(f"{module} is not available ({exc})") from exc
+    def anchor(self, name: str, build: Callable[[], Callable[[], object]]) -> None:
+        """Add the anchor ``build()`` makes, or record why it cannot be built."""
+        try:
+            self.anchors[name] = build()
+        except Skip as exc:
+            self.skipped_anchors[name] = str(exc)
 
 
 def _adapted_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and not n.endswith("base_layer")]
+
+
+def _targeted(ref: PeftModel) -> list[str]:
+    """The names (in the base model) of the layers the PEFT reference adapts: where anchors go too."""
+    return list(ref.base_model.targeted_module_names)
 
 
 def _same_targets(hcp: nn.Module, ref: nn.Module) -> int:
@@ -88,10 +100,36 @@ def _copy_lora_weights(src: PeftModel, dst: PeftModel) -> None:
                 block.lora_up.weight.copy_(theirs[name].lora_B["default"].weight)
 
 
+def _as_large_as(anchor: nn.Module, ref: nn.Module) -> nn.Module:
+    """``anchor``, checked to train as many parameters as ``ref``: the same layers, rank and factor shapes."""
+    if _trainable(anchor) != _trainable(ref):
+        raise AssertionError(f"the anchor trains {_trainable(anchor)} parameters, the reference {_trainable(ref)}")
+    return anchor
+
+
+def _hcpdiff(w: Workload, ref: PeftModel, dropout: float) -> nn.Module:
+    return _as_large_as(anchors.hcpdiff_lora(w.twin(), _targeted(ref), RANK, dropout).to(w.device, w.dtype), ref)
+
+
 def train_lora(w: Workload) -> Pair:
     hcp, ref = _lora_pair(w, init_weights=True, hcp_base=w.twin())
     info = {"layers": _same_targets(hcp, ref), "trainable": [_trainable(hcp), _trainable(ref)]}
-    return Pair("PEFT LoraConfig", w.train(hcp), w.train(ref), info=info)
+    pair = Pair("PEFT LoraConfig", w.train(hcp), w.train(ref), info=info)
+    pair.anchor("HCP-Diffusion LoRA", lambda: w.train(_hcpdiff(w, ref, dropout=0.0)))
+    return pair
+
+
+def train_lora_dropout(w: Workload) -> Pair:
+    """LoRA with dropout 0.1 on its input: peft-hcp keeps the input and a 1-bit mask for backward."""
+    hcp = get_peft_model(
+        w.twin(), HcpLoraConfig(target_modules=["re:" + TRAIN_TARGETS], r=RANK, alpha=RANK, dropout=DROPOUT)
+    )
+    ref_config = LoraConfig(target_modules=TRAIN_TARGETS, r=RANK, lora_alpha=RANK, lora_dropout=DROPOUT)
+    ref = get_peft_model(w.twin(), ref_config)
+    info = {"layers": _same_targets(hcp, ref), "trainable": [_trainable(hcp), _trainable(ref)], "dropout": DROPOUT}
+    pair = Pair(f"PEFT LoraConfig, lora_dropout={DROPOUT}", w.train(hcp), w.train(ref), info=info)
+    pair.anchor("HCP-Diffusion LoRA (dropout on the output)", lambda: w.train(_hcpdiff(w, ref, DROPOUT)))
+    return pair
 
 
 def infer_unmerged(w: Workload) -> Pair:
@@ -99,7 +137,9 @@ def infer_unmerged(w: Workload) -> Pair:
     _copy_lora_weights(ref, hcp)
     hcp_step, ref_step = w.infer(hcp), w.infer(ref)
     info = {"layers": _same_targets(hcp, ref), "max_abs_diff": (hcp_step() - ref_step()).abs().max().item()}
-    return Pair("PEFT LoRA, unmerged", hcp_step, ref_step, info=info)
+    pair = Pair("PEFT LoRA, unmerged", hcp_step, ref_step, info=info)
+    pair.anchor("HCP-Diffusion LoRA", lambda: w.infer(_hcpdiff(w, ref, dropout=0.0).eval()))
+    return pair
 
 
 def infer_merged(w: Workload) -> Pair:
@@ -125,15 +165,33 @@ def _loha_train(w: Workload) -> tuple[PeftModel, PeftModel]:
     return hcp, ref
 
 
+def _lycoris(w: Workload, ref: PeftModel, algo: str) -> tuple[nn.Module, nn.ModuleList]:
+    """A UNet twin whose ``ref``-adapted layers run LyCORIS's ``algo``, and the LyCORIS modules."""
+    unet = w.twin()
+    modules = anchors.lycoris(unet, _targeted(ref), algo, RANK).to(w.device, w.dtype)
+    return unet, _as_large_as(modules, ref) if algo == "loha" else modules
+
+
+def _lycoris_train(w: Workload, ref: PeftModel, algo: str) -> Callable[[], object]:
+    unet, modules = _lycoris(w, ref, algo)
+    sample, timestep, text = w.inputs
+    return w.train(modules, lambda: unet(sample, timestep, encoder_hidden_states=text).sample)
+
+
 def train_loha(w: Workload) -> Pair:
     hcp, ref = _loha_train(w)
     info = {"layers": _same_targets(hcp, ref), "trainable": [_trainable(hcp), _trainable(ref)]}
-    return Pair("PEFT LoHaConfig", w.train(hcp), w.train(ref), info=info)
+    pair = Pair("PEFT LoHaConfig", w.train(hcp), w.train(ref), info=info)
+    pair.anchor("LyCORIS LoHa", lambda: _lycoris_train(w, ref, "loha"))
+    pair.anchor("LyCORIS LoKr (another factorisation)", lambda: _lycoris_train(w, ref, "lokr"))
+    return pair
 
 
 def infer_loha(w: Workload) -> Pair:
     hcp, ref = _loha_train(w)
-    return Pair("PEFT LoHa, unmerged", w.infer(hcp), w.infer(ref), info={"layers": _same_targets(hcp, ref)})
+    pair = Pair("PEFT LoHa, unmerged", w.infer(hcp), w.infer(ref), info={"layers": _same_targets(hcp, ref)})
+    pair.anchor("LyCORIS LoHa", lambda: w.infer(_lycoris(w, ref, "loha")[0]))
+    return pair
 
 
 def attach(w: Workload) -> Pair:
@@ -174,7 +232,7 @@ def load(w: Workload) -> Pair:
 
 
 def _fed(model: nn.Module, forward: Callable[[], torch.Tensor], **inputs) -> Callable[[], torch.Tensor]:
-    feed = _need("peft_hcp.hooked").feed
+    feed = need("peft_hcp.hooked").feed
 
     def call() -> torch.Tensor:
         with feed(model, **inputs):
@@ -185,7 +243,7 @@ def _fed(model: nn.Module, forward: Callable[[], torch.Tensor], **inputs) -> Cal
 
 def train_controlnet(w: Workload) -> Pair:
     """The ControlNet plugin against diffusers' ``ControlNetModel`` feeding the UNet's residual inputs."""
-    config_cls = _need("peft_hcp.adapters.controlnet").HcpControlNetConfig
+    config_cls = need("peft_hcp.adapters.controlnet").HcpControlNetConfig
     from diffusers import ControlNetModel
 
     sample, timestep, text = w.inputs
@@ -225,7 +283,7 @@ class _HandSkips(nn.Module):
 
 
 def train_skip(w: Workload) -> Pair:
-    config_cls = _need("peft_hcp.adapters.skip").HcpSkipConfig
+    config_cls = need("peft_hcp.adapters.skip").HcpSkipConfig
     if not isinstance(w.base.down_blocks[0].attentions[0].proj_in, nn.Conv2d):
         raise Skip("the hand-written skips assume convolutional proj_in / proj_out (SD1.5 layout)")
     config = config_cls(from_layer=["re:.*proj_in"], to_layer=["prehook:re:.*proj_out"], init_weights=False)
@@ -239,7 +297,7 @@ def train_skip(w: Workload) -> Pair:
 
 
 def train_prelu(w: Workload) -> Pair:
-    config_cls = _need("peft_hcp.adapters.prelu").HcpPReLUConfig
+    config_cls = need("peft_hcp.adapters.prelu").HcpPReLUConfig
     hcp = get_peft_model(w.twin(), config_cls(target_modules=["re:.*nonlinearity"]))
     ref = w.twin()
     for module in list(ref.modules()):
@@ -264,6 +322,7 @@ def compile_lora(w: Workload) -> Pair:
 
 PAIRS: dict[str, Callable[[Workload], Pair]] = {
     "train_lora": train_lora,
+    "train_lora_dropout": train_lora_dropout,
     "infer_unmerged": infer_unmerged,
     "infer_merged": infer_merged,
     "infer_merged_in_place": infer_merged_in_place,

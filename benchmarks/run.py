@@ -1,8 +1,9 @@
 """``python -m benchmarks.run``: peft-hcp against PEFT and the bare model, in one process, as ratios.
 
-Each pair runs both sides on the same inputs, alternating them (ABAB...) after a warm-up so that the
-noise of a shared machine hits both alike; the table shows peft-hcp / reference for the median time
-and for the peak memory of one call. ``--json`` writes every raw time and byte count.
+Each pair runs both sides (and its anchors, when installed) on the same inputs, alternating them
+(AB BA ...) after a warm-up so that the noise of a shared machine hits all alike; the table shows
+peft-hcp / reference for the median time, for the peak memory of one call and, for training pairs,
+for the bytes saved for backward (exact). ``--json`` writes every raw time and byte count.
 """
 
 from __future__ import annotations
@@ -11,14 +12,21 @@ import argparse
 import gc
 import json
 import platform
+import statistics
 import time
 
 import torch
 
 import peft_hcp
-from benchmarks.measure import MemoryProbe, interleaved, return_freed_memory_to_os
+from benchmarks.measure import (
+    Memory,
+    MemoryProbe,
+    Timings,
+    interleaved,
+    return_freed_memory_to_os,
+)
 from benchmarks.pairs import PAIRS, Skip
-from benchmarks.workload import DTYPES, Workload
+from benchmarks.workload import DTYPES, TrainStep, Workload
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,24 +59,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_pair(name: str, workload: Workload, repeats: int, warmup: int) -> dict:
-    """Measure one pair: interleaved timings, then one call of each side for memory."""
+    """Measure one pair: interleaved timings of every side, then one call of each for memory."""
     try:
         pair = PAIRS[name](workload)
     except Skip as exc:
         return {"pair": name, "skipped": str(exc)}
-    timings = interleaved(pair.maker("hcp"), pair.maker("ref"), repeats, warmup, workload.device)
+    sides = pair.sides()
+    timings = interleaved({side: pair.maker(side) for side in sides}, repeats, warmup, workload.device)
     probe = MemoryProbe(workload.device)
-    memory = {side: probe.measure(pair.maker(side)()) for side in ("hcp", "ref")}
+    memory = {side: probe.measure(pair.maker(side)()) for side in sides}
+    # exact bytes saved for backward, for the sides that train
+    saved = {side: call.saved_bytes() for side, call in sides.items() if isinstance(call, TrainStep)}
+    anchors = {anchor: {"reference": anchor, **_ratios(timings, memory, saved, anchor)} for anchor in pair.anchors}
+    anchors.update({anchor: {"reference": anchor, "skipped": why} for anchor, why in pair.skipped_anchors.items()})
     return {
         "pair": name,
         "reference": pair.reference,
-        "time_ratio": timings.ratio,
-        "peak_ratio": _ratio(memory["hcp"].peak, memory["ref"].peak),
-        "seconds": {"hcp": timings.hcp, "ref": timings.ref},
+        **_ratios(timings, memory, saved, "ref"),
+        "seconds": timings.seconds,
         "peak_bytes": {side: m.peak for side, m in memory.items()},
         "retained_bytes": {side: m.retained for side, m in memory.items()},
+        **({"saved_bytes": saved} if saved else {}),
+        "anchors": anchors,
         "info": pair.info,
     }
+
+
+def _ratios(timings: Timings, memory: dict[str, Memory], saved: dict[str, int], reference: str) -> dict:
+    """peft-hcp over ``reference``: median time, peak memory and (training sides) bytes saved for backward."""
+    ratios = {
+        "time_ratio": timings.ratio("hcp", reference),
+        "peak_ratio": _ratio(memory["hcp"].peak, memory[reference].peak),
+    }
+    if reference in saved:
+        ratios["saved_ratio"] = _ratio(saved["hcp"], saved[reference])
+    return ratios
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -76,21 +101,34 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 def table(results: list[dict]) -> str:
-    """The results as a Markdown table (ratios < 1 mean peft-hcp is faster / smaller)."""
+    """The results as a Markdown table (ratios < 1 mean peft-hcp is faster / smaller); anchors below their pair."""
     rows = [
-        "| pair | reference | time ratio | peak-memory ratio | median s (hcp / ref) |",
-        "|---|---|---|---|---|",
+        "| pair | reference | time ratio | peak-memory ratio | saved-for-backward ratio | median s (hcp / ref) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in results:
         if "skipped" in r:
-            rows.append(f"| {r['pair']} | skipped: {r['skipped']} | | | |")
+            rows.append(f"| {r['pair']} | skipped: {r['skipped']} | | | | |")
             continue
-        peak = "n/a" if r["peak_ratio"] is None else f"{r['peak_ratio']:.3f}"
-        med = [sorted(r["seconds"][s])[len(r["seconds"][s]) // 2] for s in ("hcp", "ref")]
-        rows.append(
-            f"| {r['pair']} | {r['reference']} | {r['time_ratio']:.3f} | {peak} | {med[0]:.4f} / {med[1]:.4f} |"
-        )
+        rows.append(_row(r["pair"], r, r["seconds"]["hcp"], r["seconds"]["ref"]))
+        for anchor, a in r["anchors"].items():
+            if "skipped" in a:
+                rows.append(f"| {r['pair']} (anchor) | {anchor}: skipped, {a['skipped']} | | | | |")
+            else:
+                rows.append(_row(f"{r['pair']} (anchor)", a, r["seconds"]["hcp"], r["seconds"][anchor]))
     return "\n".join(rows)
+
+
+def _row(pair: str, r: dict, hcp_seconds: list[float], ref_seconds: list[float]) -> str:
+    def fmt(ratio: float | None) -> str:
+        return "n/a" if ratio is None else f"{ratio:.3f}"
+
+    saved = fmt(r["saved_ratio"]) if "saved_ratio" in r else ""
+    med = statistics.median(hcp_seconds), statistics.median(ref_seconds)
+    return (
+        f"| {pair} | {r['reference']} | {r['time_ratio']:.3f} | {fmt(r['peak_ratio'])} | {saved} "
+        f"| {med[0]:.4f} / {med[1]:.4f} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

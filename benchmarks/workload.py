@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from benchmarks.measure import saved_for_backward
 from peft_hcp.embedded import sd15_unet, tiny_unet
 
 TEXT_TOKENS = 77
@@ -67,21 +70,40 @@ class Workload:
 
         return step
 
-    def train(self, model: nn.Module, forward=None) -> "callable":
+    def train(self, model: nn.Module, forward: Optional[Callable[[], torch.Tensor]] = None) -> "TrainStep":
         """One optimiser step (forward, backward, AdamW) on ``model``'s trainable parameters."""
         sample, timestep, text = self.inputs
         target = torch.randn(sample.shape, generator=torch.Generator().manual_seed(1)).to(sample)
+        forward = forward or (lambda: model(sample, timestep, encoder_hidden_states=text).sample)
+        return TrainStep(model, forward, target, weights=(model, self.base))
+
+
+class TrainStep:
+    """A training step, callable; :meth:`saved_bytes` is what its forward keeps for backward."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        forward: Callable[[], torch.Tensor],
+        target: torch.Tensor,
+        weights: tuple[nn.Module, ...],
+    ) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"{type(model).__name__} has nothing to train.")
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
-        forward = forward or (lambda: model(sample, timestep, encoder_hidden_states=text).sample)
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        self.forward, self.target, self.weights = forward, target, weights
         model.train()
 
-        def step() -> None:
-            loss = F.mse_loss(forward().float(), target.float())
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def loss(self) -> torch.Tensor:
+        return F.mse_loss(self.forward().float(), self.target.float())
 
-        return step
+    def __call__(self) -> None:
+        self.loss().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def saved_bytes(self) -> int:
+        """Activation bytes the forward saves for backward (weights and buffers excluded; exact)."""
+        weights = [t for module in self.weights for t in (*module.parameters(), *module.buffers())]
+        return saved_for_backward(self.loss, weights)

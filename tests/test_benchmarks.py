@@ -8,7 +8,13 @@ from peft_hcp.adapters.lora import LoraBlock
 from torch import nn
 
 from benchmarks import run
-from benchmarks.measure import MemoryProbe, interleaved, return_freed_memory_to_os
+from benchmarks.anchors import Skip, need
+from benchmarks.measure import (
+    MemoryProbe,
+    interleaved,
+    return_freed_memory_to_os,
+    saved_for_backward,
+)
 from peft_hcp import HcpLoraConfig
 from peft_hcp.embedded import tiny_unet
 from peft_hcp.single.model import find_hosts
@@ -34,9 +40,46 @@ def test_pairs_match_their_references_and_write_json(tmp_path):
 
 def test_interleaving_alternates_sides():
     calls = []
-    timings = interleaved(lambda: lambda: calls.append("a"), lambda: lambda: calls.append("b"), 3, 1, torch.device("cpu"))
-    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
-    assert len(timings.hcp) == len(timings.ref) == 3
+    sides = {name: (lambda name=name: lambda: calls.append(name)) for name in "abc"}
+    timings = interleaved(sides, 3, 1, torch.device("cpu"))
+    assert "".join(calls) == "abc" + "abc" + "cba" + "abc"
+    assert [len(timings.seconds[name]) for name in "abc"] == [3, 3, 3]
+    assert timings.ratio("a", "b") > 0
+
+
+def test_lora_dropout_saves_at_most_three_quarters_of_peft_for_backward(tmp_path):
+    """The saved bytes are counted exactly (sizes of the tensors autograd keeps): a deterministic figure."""
+    path = tmp_path / "bench.json"
+    argv = ["--model", "tiny", "--only", "train_lora_dropout", "--repeats", "1", "--warmup", "0"]
+    run.main(argv + ["--json", str(path)])
+    (result,) = json.loads(path.read_text())["results"]
+    assert result["saved_ratio"] <= 0.75
+    assert result["saved_ratio"] == result["saved_bytes"]["hcp"] / result["saved_bytes"]["ref"]
+    assert result["info"]["layers"] > 0 and result["info"]["dropout"] == 0.1
+    for anchor in result["anchors"].values():  # measured when installed, else skipped with a one-line reason
+        assert "time_ratio" in anchor and "saved_ratio" in anchor or "\n" not in anchor["skipped"]
+
+
+def test_every_training_pair_reports_saved_bytes():
+    argv = ["--model", "tiny", "--resolution", "8", "--repeats", "1", "--warmup", "0"]
+    for result in run.main(argv + ["--only", "train_lora", "train_loha"]):
+        measured_anchors = [name for name, anchor in result["anchors"].items() if "skipped" not in anchor]
+        assert set(result["saved_bytes"]) == {"hcp", "ref", *measured_anchors}
+        assert all(n > 0 for n in result["saved_bytes"].values())
+
+
+def test_saved_for_backward_counts_each_storage_once_and_leaves_weights_out():
+    weight = torch.randn(4, 4, requires_grad=True)
+    x = torch.randn(3, 4, requires_grad=True)
+    # x @ weight saves x and weight; x * 2 saves nothing; (x @ weight) ** 2 saves its input; x.sin() saves x again
+    counted = saved_for_backward(lambda: ((x @ weight) ** 2 + x.sin()).sum(), [weight])
+    assert counted == x.untyped_storage().nbytes() + 3 * 4 * 4
+
+
+def test_a_missing_anchor_is_skipped_with_one_line():
+    with pytest.raises(Skip) as info:
+        need("no_such_anchor_package")
+    assert "no_such_anchor_package" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_cpu_memory_probe_sees_a_freed_tensor():
