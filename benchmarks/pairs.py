@@ -320,6 +320,27 @@ def compile_lora(w: Workload) -> Pair:
     return Pair("PEFT LoRA, both compiled", hcp_step, ref_step, info=info)
 
 
+def compile_kinds(w: Workload) -> Pair:
+    """LoRA, LoHa, a skip and the PReLU patch in place on one tiny UNet: ``torch.compile`` against the same
+    model eager (every kind traces without a graph break; ``tests/test_compile.py``)."""
+    tiny = Workload(w.device, w.dtype, resolution=16, batch=w.batch, model="tiny")
+    hcp = need("peft_hcp")
+    attach = need("peft_hcp.adapter_set").attach
+    model = tiny.twin()
+    configs = {
+        "lora": hcp.HcpLoraConfig(target_modules=["re:.*attn1$"], init_weights=False),
+        "loha": hcp.HcpLohaConfig(target_modules=["re:.*attn2$"], init_weights=False),
+        "skip": hcp.HcpSkipConfig(from_layer=["re:.*proj_in"], to_layer=["prehook:re:.*proj_out"], init_weights=False),
+        "prelu": hcp.HcpPReLUConfig(target_modules=["re:.*nonlinearity"]),
+    }
+    for name, config in configs.items():
+        attach(model, config, name)
+    eager = tiny.infer(model)
+    compiled = tiny.infer(torch.compile(model))
+    info = {"compiled_vs_eager_max_abs_diff": (compiled() - eager()).abs().max().item(), "model": "tiny"}
+    return Pair("the same model, eager", compiled, eager, info=info)
+
+
 PAIRS: dict[str, Callable[[Workload], Pair]] = {
     "train_lora": train_lora,
     "train_lora_dropout": train_lora_dropout,
@@ -334,4 +355,5 @@ PAIRS: dict[str, Callable[[Workload], Pair]] = {
     "train_skip": train_skip,
     "train_prelu": train_prelu,
     "compile_lora": compile_lora,
+    "compile_kinds": compile_kinds,
 }
