@@ -51,15 +51,18 @@ def sweep(args: argparse.Namespace) -> list[dict]:
 
 
 def plot(results: list[dict], args: argparse.Namespace) -> None:
-    """Median step time and bytes saved for backward of every side against the latent size."""
+    """Step time (absolute and over PEFT's) and bytes saved for backward of every side against the size."""
     pyplot = need("matplotlib.pyplot", INSTALL)
     sizes = [r["size"] for r in results]
-    figure, (times, saved) = pyplot.subplots(1, 2, figsize=(8, 3.2), dpi=90)
+    figure, (times, ratios, saved) = pyplot.subplots(1, 3, figsize=(10, 3.3), dpi=80)
     for side in results[0]["saved_bytes"]:
         label = LABELS.get(side, side)
-        times.plot(sizes, [statistics.median(r["seconds"][side]) for r in results], marker="o", label=label)
+        medians = [statistics.median(r["seconds"][side]) for r in results]
+        times.plot(sizes, medians, marker="o", label=label)
+        ratios.plot(sizes, [m / statistics.median(r["seconds"]["ref"]) for m, r in zip(medians, results)], marker="o")
         saved.plot(sizes, [r["saved_bytes"][side] / 2**20 for r in results], marker="o", label=label)
-    times.set(xlabel="latent size", ylabel="median train step (s)", xticks=sizes)
+    times.set(xlabel="latent size", ylabel="median train step (s)", xticks=sizes, yscale="log")
+    ratios.set(xlabel="latent size", ylabel="step time / PEFT's", xticks=sizes)
     saved.set(xlabel="latent size", ylabel="saved for backward (MiB)", xticks=sizes)
     saved.legend(fontsize=7)
     title = f"LoRA rank 8, dropout 0.1: {args.model} UNet, {args.dtype}, batch 1, {args.threads} CPU thread(s)"
