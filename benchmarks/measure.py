@@ -12,12 +12,25 @@ import ctypes
 import gc
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 _M_MMAP_THRESHOLD = -3
+
+
+@contextmanager
+def benchmark_process(threads: int) -> Iterator[None]:
+    """Freed memory returned to the OS first (so RSS peaks compare), ``threads`` torch threads inside."""
+    return_freed_memory_to_os()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def return_freed_memory_to_os() -> None:

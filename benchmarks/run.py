@@ -22,8 +22,8 @@ from benchmarks.measure import (
     Memory,
     MemoryProbe,
     Timings,
+    benchmark_process,
     interleaved,
-    return_freed_memory_to_os,
 )
 from benchmarks.pairs import PAIRS, Skip
 from benchmarks.workload import DTYPES, TrainStep, Workload
@@ -133,13 +133,8 @@ def _row(pair: str, r: dict, hcp_seconds: list[float], ref_seconds: list[float])
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    return_freed_memory_to_os()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with benchmark_process(args.threads):
         results = run_all(args)
-    finally:
-        torch.set_num_threads(threads)
     print(table(results))
     if args.json:
         setup = {k: v for k, v in vars(args).items() if k != "json"}

@@ -16,7 +16,7 @@ import statistics
 import torch
 
 from benchmarks.anchors import INSTALL, Skip, need
-from benchmarks.measure import return_freed_memory_to_os
+from benchmarks.measure import benchmark_process
 from benchmarks.run import run_pair
 from benchmarks.workload import DTYPES, Workload
 
@@ -74,13 +74,8 @@ def plot(results: list[dict], args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    return_freed_memory_to_os()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with benchmark_process(args.threads):
         results = sweep(args)
-    finally:
-        torch.set_num_threads(threads)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"setup": vars(args), "results": results}, f, indent=2)

@@ -21,14 +21,6 @@ from peft_hcp.single.dropout import (
 KEEP = 0.75
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _downs() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     """A linear ``down`` on (batch, tokens, features), and convolutional ones on images."""
     torch.manual_seed(0)
