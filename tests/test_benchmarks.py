@@ -1,5 +1,6 @@
 """The benchmark harness on the tiny UNet: its pairs compute the same thing on both sides, and its CLI."""
 
+import importlib.util
 import json
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from peft_hcp.adapters.lora import LoraBlock
 from torch import nn
 
-from benchmarks import run
+from benchmarks import run, sizes
 from benchmarks.anchors import Skip, need
 from benchmarks.measure import (
     MemoryProbe,
@@ -104,3 +105,11 @@ def test_find_hosts_with_one_selector_per_layer_is_the_whole_model():
     every = find_hosts(unet, HcpLoraConfig(target_modules=[""]), LoraBlock)
     assert find_hosts(unet, HcpLoraConfig(target_modules=every[::-1]), LoraBlock) == every  # model order
     assert len(every) == sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in unet.modules())
+
+
+def test_size_sweep_writes_its_numbers_and_the_plot_when_matplotlib_is_there(tmp_path):
+    png, path = tmp_path / "sizes.png", tmp_path / "sizes.json"
+    results = sizes.main(["--sizes", "8", "--repeats", "1", "--warmup", "0", "--png", str(png), "--json", str(path)])
+    assert [r["size"] for r in results] == [8] and results[0]["saved_ratio"] <= 0.75
+    assert json.loads(path.read_text())["results"][0]["saved_bytes"]["hcp"] > 0
+    assert png.exists() == (importlib.util.find_spec("matplotlib") is not None)
