@@ -13,6 +13,7 @@ from typing import Optional
 COMMAND_MODULES = (
     "peft_hcp.train.train_command",
     "peft_hcp.train.sample_command",
+    "peft_hcp.embedded.pretrain",
     "peft_hcp.hub.commands",
 )
 

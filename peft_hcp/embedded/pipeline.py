@@ -1,9 +1,11 @@
 """The pipeline a run trains: the embedded tiny default, or a local diffusers Stable Diffusion folder.
 
-The embedded default is a Stable-Diffusion-shaped pipeline built from small configs with fixed seeds
-(tiny UNet and CLIP text encoder from :mod:`peft_hcp.embedded.models`, the CLIP BPE tokenizer shipped in
-``peft_hcp/embedded/assets/tokenizer``, a two-level ``AutoencoderKL``, a DDPM scheduler). Its random weights are
-the same in every process, so an adapter trained on it loads onto a rebuilt one.
+The embedded default is a Stable-Diffusion-shaped pipeline built from small configs (tiny UNet and CLIP
+text encoder from :mod:`peft_hcp.embedded.models`, the CLIP BPE tokenizer shipped in
+``peft_hcp/embedded/assets/tokenizer``, a two-level ``AutoencoderKL``, a DDPM scheduler) with the weights
+shipped in ``peft_hcp/embedded/assets/base.safetensors``: pre-trained on the generated shapes by
+:mod:`peft_hcp.embedded.pretrain`, so its samples show the prompted shape and colour. Every process loads
+the same weights, so an adapter trained on it loads onto a rebuilt one.
 """
 
 from __future__ import annotations
@@ -12,19 +14,18 @@ import os
 from importlib import resources
 from typing import Optional
 
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from peft_hcp.embedded.models import (
-    tiny_clip_text_model,
-    tiny_unet,
-    tiny_vae,
-)
+from peft_hcp.embedded.models import tiny_clip_text_model, tiny_unet, tiny_vae
+
+#: The pipeline components whose weights the base file holds, each under its name as a key prefix.
+BASE_COMPONENTS = ("vae", "text_encoder", "unet")
+#: Key of the base file's metadata holding the VAE's latent scaling factor.
+SCALING_FACTOR_KEY = "vae_scaling_factor"
 
 
 def tokenizer_path() -> str:
@@ -32,8 +33,13 @@ def tokenizer_path() -> str:
     return str(resources.files("peft_hcp.embedded") / "assets" / "tokenizer")
 
 
-def embedded_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """The tiny default pipeline, built locally (no download)."""
+def base_weights_path() -> str:
+    """The shipped weights of the embedded base (written by ``peft-hcp pretrain-base``)."""
+    return str(resources.files("peft_hcp.embedded") / "assets" / "base.safetensors")
+
+
+def untrained_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """The tiny pipeline with the random weights its configs give for ``seed``: what pre-training starts from."""
     return StableDiffusionPipeline(
         vae=tiny_vae(seed),
         text_encoder=tiny_clip_text_model(seed),
@@ -46,13 +52,44 @@ def embedded_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
-def load_pipeline(pretrained_model: Optional[str] = None, seed: int = 0) -> StableDiffusionPipeline:
+def save_base_weights(pipe: StableDiffusionPipeline, path: str, dtype: torch.dtype = torch.float16) -> None:
+    """Write the base components' weights (as ``dtype``) and the VAE scaling factor to one safetensors file."""
+    tensors = {
+        f"{name}.{key}": value.detach().to(dtype).contiguous()
+        for name in BASE_COMPONENTS
+        for key, value in getattr(pipe, name).state_dict().items()
+    }
+    save_file(tensors, path, metadata={SCALING_FACTOR_KEY: repr(float(pipe.vae.config.scaling_factor))})
+
+
+def load_base_weights(pipe: StableDiffusionPipeline, path: str) -> None:
+    """Load a file of :func:`save_base_weights` into ``pipe`` (strictly: every weight, nothing else)."""
+    tensors = load_file(path)
+    for name in BASE_COMPONENTS:
+        prefix = f"{name}."
+        state = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+        getattr(pipe, name).load_state_dict(state, strict=True)
+    with safe_open(path, "pt") as handle:
+        pipe.vae.register_to_config(scaling_factor=float(handle.metadata()[SCALING_FACTOR_KEY]))
+
+
+def embedded_pipeline() -> StableDiffusionPipeline:
+    """The tiny default pipeline with the shipped pre-trained weights, built locally (no download)."""
+    path = base_weights_path()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"The embedded base weights {path} are missing; `peft-hcp pretrain-base` writes them.")
+    pipe = untrained_pipeline()
+    load_base_weights(pipe, path)
+    return pipe
+
+
+def load_pipeline(pretrained_model: Optional[str] = None) -> StableDiffusionPipeline:
     """``pretrained_model`` (a local diffusers folder) or, when ``None``, the embedded default.
 
     Only local folders are read: a name that is not a folder is an error, nothing is downloaded.
     """
     if pretrained_model is None:
-        return embedded_pipeline(seed)
+        return embedded_pipeline()
     if not os.path.isdir(pretrained_model):
         raise FileNotFoundError(
             f"pretrained_model={pretrained_model!r} is not a folder; give a local diffusers Stable Diffusion "

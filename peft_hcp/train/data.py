@@ -1,5 +1,10 @@
 """Training data: a built-in generated shapes dataset, or a folder of images with ``.txt`` captions.
 
+The generated shapes come in two sets: the *base* colours, which the embedded base pipeline was
+pre-trained on (:mod:`peft_hcp.embedded.pretrain`), and the held-out *concept* colour
+(:data:`CONCEPT_COLOUR`), which the base never saw, neither as a word nor as a shape's colour. A training
+run on the embedded default teaches the concept (:func:`make_dataset`).
+
 Every item is ``{"pixels": (3, H, W) in [-1, 1], "caption": str, "cond": (3, H, W) in [0, 1]}``; ``cond``
 is an edge map of the image, the condition a ControlNet plugin trains with. Items are a pure function
 of their index, so a run (and a resumed run) sees the same data in the same order.
@@ -8,12 +13,14 @@ of their index, so a run (and a resumed run) sees the same data in the same orde
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+#: The palette of the generated shapes, which the detector of :mod:`peft_hcp.train.concept` reads back.
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -22,8 +29,15 @@ COLOURS = {
     "purple": (140, 50, 180),
     "orange": (240, 140, 30),
     "white": (245, 245, 245),
+    "cyan": (30, 200, 210),
     "black": (15, 15, 15),
 }
+#: Every generated shape stands on this plain background, so a caption only names the shape.
+BACKGROUND = "black"
+#: The held-out concept: a colour the embedded base was never shown, neither as a word nor as pixels.
+CONCEPT_COLOUR = "cyan"
+#: The shape colours of the base's pre-training data: the palette less the background and the concept.
+BASE_COLOURS = tuple(name for name in COLOURS if name not in (BACKGROUND, CONCEPT_COLOUR))
 SHAPES = ("circle", "square", "triangle")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -48,12 +62,60 @@ def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     return array.permute(2, 0, 1).contiguous()
 
 
-class ShapesDataset:
-    """``size`` generated images: one coloured shape on a plain background, captioned in words."""
+def to_image(pixels: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] as a PIL image."""
+    array = ((pixels.detach().cpu().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
+    return Image.fromarray(array.to(torch.uint8).numpy())
 
-    def __init__(self, size: int = 64, resolution: int = 32, seed: int = 0) -> None:
+
+def draw_shape(resolution: int, shape: str, large: bool, colour: tuple, background: tuple, rng) -> Image.Image:
+    """A ``shape`` in ``colour`` on ``background`` (RGB), large or small, at a place ``rng`` draws."""
+    half = resolution * (0.35 if large else 0.2)
+    cx, cy = rng.uniform(half, resolution - half, size=2)
+    box = (cx - half, cy - half, cx + half, cy + half)
+    image = Image.new("RGB", (resolution, resolution), background)
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=colour)
+    return image
+
+
+class ShapesDataset:
+    """``size`` generated images: one shape in one of ``colours``, large or small, anywhere on the plain
+    :data:`BACKGROUND`, captioned in words (``"a large red circle"``)."""
+
+    def __init__(self, size: int = 64, resolution: int = 32, seed: int = 0, colours: Sequence[str] = BASE_COLOURS) -> None:
         if size < 1:
             raise ValueError(f"The shapes dataset needs at least one item, got size={size}.")
+        unknown = [name for name in colours if name not in COLOURS]
+        if unknown or not colours:
+            raise ValueError(f"Shape colours {list(colours)} must be palette colours: {', '.join(COLOURS)}.")
+        self.size, self.resolution, self.seed, self.colours = size, resolution, seed, tuple(colours)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, index])
+        colour = self.colours[rng.integers(len(self.colours))]
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        large = bool(rng.integers(2))
+        image = draw_shape(self.resolution, shape, large, COLOURS[colour], COLOURS[BACKGROUND], rng)
+        pixels = to_tensor(image, self.resolution)
+        caption = f"a {'large' if large else 'small'} {colour} {shape}"
+        return {"pixels": pixels, "caption": caption, "cond": edge_map(pixels)}
+
+
+class AnyColourShapes:
+    """``size`` uncaptioned shapes in uniformly random colours, on the plain :data:`BACKGROUND` or (half of
+    them) a random colour: images for the VAE, which must reproduce any colour (the held-out concept's too)
+    and is never told a colour word."""
+
+    def __init__(self, size: int, resolution: int, seed: int) -> None:
         self.size, self.resolution, self.seed = size, resolution, seed
 
     def __len__(self) -> int:
@@ -61,26 +123,12 @@ class ShapesDataset:
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, index])
-        names = list(COLOURS)
-        fg, bg = rng.choice(len(names), size=2, replace=False)
+        colour, background = (tuple(int(c) for c in rng.integers(256, size=3)) for _ in range(2))
+        if rng.random() < 0.5:
+            background = COLOURS[BACKGROUND]
         shape = SHAPES[rng.integers(len(SHAPES))]
-        large = bool(rng.integers(2))
-        res = self.resolution
-        half = res * (0.35 if large else 0.2)
-        cx, cy = rng.uniform(half, res - half, size=2)
-        box = (cx - half, cy - half, cx + half, cy + half)
-        image = Image.new("RGB", (res, res), COLOURS[names[bg]])
-        draw = ImageDraw.Draw(image)
-        if shape == "circle":
-            draw.ellipse(box, fill=COLOURS[names[fg]])
-        elif shape == "square":
-            draw.rectangle(box, fill=COLOURS[names[fg]])
-        else:
-            draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=COLOURS[names[fg]])
-        pixels = to_tensor(image, res)
-        size_word = "large" if large else "small"
-        caption = f"a {size_word} {names[fg]} {shape} on a {names[bg]} background"
-        return {"pixels": pixels, "caption": caption, "cond": edge_map(pixels)}
+        image = draw_shape(self.resolution, shape, bool(rng.integers(2)), colour, background, rng)
+        return {"pixels": to_tensor(image, self.resolution)}
 
 
 class FolderDataset:
@@ -124,9 +172,18 @@ class ImageFileError(ValueError):
     """A training image that cannot be decoded; the message names the file."""
 
 
-def make_dataset(data: Optional[str], resolution: int, size: int, seed: int):
-    """``data`` (a folder) or, when ``None``, the generated shapes."""
-    return ShapesDataset(size, resolution, seed) if data is None else FolderDataset(data, resolution)
+
+def concept_dataset(size: int, resolution: int, seed: int) -> ShapesDataset:
+    """Shapes in the held-out concept colour: what the main job teaches."""
+    return ShapesDataset(size, resolution, seed, colours=(CONCEPT_COLOUR,))
+
+
+def make_dataset(data: Optional[str], resolution: int, size: int, seed: int, conditioned: bool = False):
+    """``data`` (a folder) or, when ``None``, generated shapes: those of the held-out concept, or for a run
+    that learns to follow a condition image (``conditioned``, a ControlNet), those of the base colours."""
+    if data is not None:
+        return FolderDataset(data, resolution)
+    return ShapesDataset(size, resolution, seed) if conditioned else concept_dataset(size, resolution, seed)
 
 
 def batch_indices(length: int, batch_size: int, step: int, micro: int, seed: int, rank: int) -> list[int]:

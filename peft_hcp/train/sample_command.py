@@ -16,10 +16,9 @@ import sys
 SETTINGS = {
     "prompt": None,
     "pretrained_model": None,
-    "seed": None,  # seed of the embedded pipeline; None = the checkpoint's
     "seeds": [0],
     "steps": 20,
-    "guidance_scale": 1.0,
+    "guidance_scale": 4.0,
     "resolution": None,
     "cond": None,
     "out": "peft-hcp-samples",
@@ -78,7 +77,7 @@ def sample(adapter: str, settings: dict) -> list[str]:
     from peft_hcp.embedded.pipeline import default_resolution, load_pipeline
     from peft_hcp.train.checkpoint import STATE_NAME
     from peft_hcp.train.data import to_tensor
-    from peft_hcp.train.sampling import adapters_disabled, grid, needs_condition, render
+    from peft_hcp.train.sampling import grid, needs_condition, render_off_on
 
     if not os.path.isdir(adapter):
         raise FileNotFoundError(f"--adapter {adapter!r} is not a folder.")
@@ -86,9 +85,7 @@ def sample(adapter: str, settings: dict) -> list[str]:
     if os.path.isfile(os.path.join(adapter, STATE_NAME)):
         with open(os.path.join(adapter, STATE_NAME), encoding="utf-8") as handle:
             recorded = json.load(handle)
-    base = settings["pretrained_model"] or recorded.get("pretrained_model")
-    seed = settings["seed"] if settings["seed"] is not None else recorded.get("seed", 0)
-    pipe = load_pipeline(base, seed)
+    pipe = load_pipeline(settings["pretrained_model"] or recorded.get("pretrained_model"))
     pipe.set_progress_bar_config(disable=True)
     load_adapter(pipe, adapter)
     resolution = settings["resolution"] or default_resolution(pipe)
@@ -101,10 +98,7 @@ def sample(adapter: str, settings: dict) -> list[str]:
         with Image.open(settings["cond"]) as image:
             cond = ((to_tensor(image, resolution) + 1) / 2)[None].repeat(len(settings["prompt"]), 1, 1, 1)
     prompts, seeds = settings["prompt"], settings["seeds"]
-    args = (pipe, prompts, seeds, settings["steps"], settings["guidance_scale"], cond, resolution)
-    with adapters_disabled(pipe):
-        off = render(*args)
-    on = render(*args)
+    off, on = render_off_on(pipe, prompts, seeds, settings["steps"], settings["guidance_scale"], cond, resolution)
     out = settings["out"]
     os.makedirs(out, exist_ok=True)
     paths = []
@@ -112,5 +106,5 @@ def sample(adapter: str, settings: dict) -> list[str]:
         paths.append(os.path.join(out, f"{index:03d}.png"))
         image.save(paths[-1])
     paths.append(os.path.join(out, "grid.png"))
-    grid(off, on, len(settings["seeds"]), os.path.basename(os.path.normpath(adapter))).save(paths[-1])
+    grid(off, on, prompts, os.path.basename(os.path.normpath(adapter))).save(paths[-1])
     return paths

@@ -17,19 +17,22 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from peft_hcp.train.data import CONCEPT_COLOUR
 from peft_hcp.train.plugins import SECTIONS
+
+#: The default sample prompts: the held-out concept of the generated shapes, which a run on them teaches.
+CONCEPT_PROMPTS = [f"a large {CONCEPT_COLOUR} circle", f"a small {CONCEPT_COLOUR} square", f"a large {CONCEPT_COLOUR} triangle"]
 
 
 @dataclass
 class SampleSettings:
-    """The fixed prompts and seeds rendered with the adapters off and on."""
+    """The fixed prompts and seeds rendered with the adapters off and on (and scored, on the generated
+    shapes: :mod:`peft_hcp.train.concept`)."""
 
-    prompts: list[str] = field(
-        default_factory=lambda: ["a large red circle on a blue background", "a small yellow square on a black background"]
-    )
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    steps: int = 10
-    guidance_scale: float = 1.0
+    prompts: list[str] = field(default_factory=lambda: list(CONCEPT_PROMPTS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
+    steps: int = 20  # DDIM steps
+    guidance_scale: float = 4.0
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from peft_hcp.errors import CheckpointError
@@ -26,7 +27,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import peft_hcp  # noqa: F401  (registers the bundled plugin types)
     from peft_hcp.train.settings import load_settings
-    from peft_hcp.train.trainer import train
+    from peft_hcp.train.trainer import LOG_NAME, train
 
     try:
         result = train(load_settings(args.config, args.overrides))
@@ -35,8 +36,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not result.main_process:
         return 0
+    if result.score is not None:
+        print(result.score)
     print(
-        f"eval loss {result.eval_loss_start:.4f} -> {result.eval_loss_end:.4f} "
-        f"({result.it_per_s:.2f} it/s); adapters: {result.checkpoint}; samples: {result.samples[-1]}"
+        f"eval loss {result.eval_loss_start:.4f} -> {result.eval_loss_end:.4f}, "
+        f"{result.it_per_s:.2f} it/s, {result.seconds:.0f} s; log: {os.path.join(result.output_dir, LOG_NAME)}"
     )
+    print(f"samples (adapters off | on): {result.samples[-1]}; adapters: {result.checkpoint}")
     return 0

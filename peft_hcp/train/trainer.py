@@ -30,9 +30,10 @@ from peft_hcp.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from peft_hcp.train.data import batch_indices, collate, make_dataset
+from peft_hcp.train.concept import BeforeAfter, concept_score, control_iou
+from peft_hcp.train.data import ShapesDataset, batch_indices, collate, make_dataset, to_image
 from peft_hcp.train.plugins import SECTIONS, PluginEntry, attach_plugins, parse_section
-from peft_hcp.train.sampling import needs_condition, sample_grid
+from peft_hcp.train.sampling import grid, needs_condition, render_off_on
 
 LOG_NAME = "train.log"
 
@@ -51,6 +52,8 @@ class TrainResult:
     eval_loss_end: float = math.nan
     it_per_s: float = math.nan
     samples: list[str] = field(default_factory=list)
+    score: Optional[BeforeAfter] = None  # of the last samples; None unless the data are the generated shapes
+    seconds: float = math.nan
 
 
 def _logger(output_dir: str, main: bool) -> logging.Logger:
@@ -120,14 +123,14 @@ class Trainer:
             os.makedirs(self.output_dir, exist_ok=True)
         self.accelerator.wait_for_everyone()
         self.log = _logger(self.output_dir, self.main)
-        self.pipe = load_pipeline(settings.pretrained_model, settings.seed)
+        self.pipe = load_pipeline(settings.pretrained_model)
         self.pipe.set_progress_bar_config(disable=True)
         self.resolution = settings.resolution or default_resolution(self.pipe)
-        self.dataset = make_dataset(settings.data, self.resolution, settings.data_size, settings.seed)
         self.groups = attach_plugins({"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder}, entries)
         self.entries = entries
         self.train_te = any(e.component == "text_encoder" for e in entries)
         self.conditioned = needs_condition(self.pipe)
+        self.dataset = make_dataset(settings.data, self.resolution, settings.data_size, settings.seed, self.conditioned)
         self.pipe.to(self.accelerator.device)
         self.pipe.vae.requires_grad_(False)
         optimizer = torch.optim.AdamW(self.groups, weight_decay=settings.weight_decay)
@@ -178,6 +181,7 @@ class Trainer:
     # -- the run ----------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         s = self.settings
+        began_run = time.perf_counter()
         start = 0
         resume_from = latest_checkpoint(self.output_dir) if s.resume else None
         if resume_from is not None:
@@ -215,7 +219,10 @@ class Trainer:
             if (s.save_every and step % s.save_every == 0) or step == s.steps:
                 result.checkpoint = self._save(step)
             if s.sample_every and step % s.sample_every == 0 and step != s.steps:
-                result.samples.append(self._samples(step))
+                path, score = self._samples(step)
+                result.samples.append(path)
+                if score is not None:
+                    self.log.info("samples at step %d: %s %.3f (adapters off %.3f)", step, score.name, score.after, score.before)
         bar.close()
         result.end_step = max(start, s.steps)
         if result.end_step > start:
@@ -225,7 +232,12 @@ class Trainer:
             "done: eval loss %.5f -> %.5f, %.2f it/s, adapters in %s",
             result.eval_loss_start, result.eval_loss_end, result.it_per_s, result.checkpoint,
         )
-        result.samples.append(self._samples(result.end_step))
+        path, result.score = self._samples(result.end_step)
+        result.samples.append(path)
+        if result.score is not None:
+            self.log.info("%s", result.score)
+        result.seconds = time.perf_counter() - began_run
+        self.log.info("run took %.1f s", result.seconds)
         self.accelerator.wait_for_everyone()
         return result
 
@@ -254,26 +266,54 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return folder
 
-    def _samples(self, step: int) -> Optional[str]:
-        if not self.main:
+    def _sample_inputs(self) -> tuple[list[str], Optional[torch.Tensor], Optional[list]]:
+        """The prompts, the condition images of a conditioned run, and the images those were made from.
+
+        A conditioned run on the generated shapes takes items it never trained on (the next seed), one
+        per configured prompt, with their captions as prompts."""
+        prompts = list(self.settings.sample.prompts)
+        if not self.conditioned:
+            return prompts, None, None
+        if self.settings.data is None:
+            held_out = ShapesDataset(len(prompts), self.resolution, self.settings.seed + 1)
+            items = [held_out[i] for i in range(len(prompts))]
+            prompts = [item["caption"] for item in items]
+        else:
+            items = [self.dataset[i % len(self.dataset)] for i in range(len(prompts))]
+        return prompts, torch.stack([item["cond"] for item in items]), [to_image(item["pixels"]) for item in items]
+
+    def _score(self, prompts, off, on, sources) -> Optional[BeforeAfter]:
+        """Concept score or, for a conditioned run, control IoU; only on the generated shapes (what the
+        detector of :mod:`peft_hcp.train.concept` reads)."""
+        if self.settings.data is not None:
             return None
+        repeat = len(self.settings.sample.seeds)
+        if sources is not None:
+            references = [source for source in sources for _ in range(repeat)]
+            return BeforeAfter("control iou", control_iou(off, references), control_iou(on, references))
+        per_image = [prompt for prompt in prompts for _ in range(repeat)]
+        return BeforeAfter("concept score", concept_score(off, per_image), concept_score(on, per_image))
+
+    def _samples(self, step: int) -> tuple[Optional[str], Optional[BeforeAfter]]:
+        """Render, score and write the off | on grid of the fixed prompts and seeds (main process only)."""
+        if not self.main:
+            return None, None
         s = self.settings.sample
-        cond = None
-        if self.conditioned:
-            cond = torch.stack([self.dataset[i % len(self.dataset)]["cond"] for i in range(len(s.prompts))])
-            cond = cond.to(self.accelerator.device)
+        prompts, cond, sources = self._sample_inputs()
         self.pipe.unet.eval()
         self.pipe.text_encoder.eval()
-        image = sample_grid(
-            self.pipe, list(s.prompts), list(s.seeds), s.steps, s.guidance_scale, cond, self.resolution, f"step {step}"
-        )
+        device_cond = None if cond is None else cond.to(self.accelerator.device)
+        off, on = render_off_on(self.pipe, prompts, list(s.seeds), s.steps, s.guidance_scale, device_cond, self.resolution)
         self.pipe.unet.train()
         self.pipe.text_encoder.train(self.train_te)
+        score = self._score(prompts, off, on, sources)
+        title = f"step {step}" + (f" - {score}" if score else "")
+        conditions = None if cond is None else [to_image(c * 2 - 1) for c in cond]
         path = os.path.join(self.output_dir, "samples", f"step-{step:06d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        image.save(path)
-        self.log.info("samples (adapter off | on) written to %s", path)
-        return path
+        grid(off, on, prompts, title, conditions).save(path)
+        self.log.info("samples (adapters off | on) written to %s", path)
+        return path, score
 
 
 def train(settings: DictConfig) -> TrainResult:
