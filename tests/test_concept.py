@@ -3,8 +3,23 @@
 import pytest
 from PIL import Image, ImageDraw
 
-from peft_hcp.train.concept import BeforeAfter, concept_score, control_iou, mask_iou, named_in, read_shape, shape_score
-from peft_hcp.train.data import BACKGROUND, BASE_COLOURS, COLOURS, CONCEPT_COLOUR, ShapesDataset, to_image
+from peft_hcp.train.concept import (
+    BeforeAfter,
+    concept_score,
+    control_iou,
+    mask_iou,
+    named_in,
+    read_shape,
+    shape_score,
+)
+from peft_hcp.train.data import (
+    BACKGROUND,
+    BASE_COLOURS,
+    COLOURS,
+    CONCEPT_COLOUR,
+    ShapesDataset,
+    to_image,
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 """The shipped embedded base: loaded strictly from safetensors, its VAE reconstructs, its samples follow
 prompts, it never learned the held-out concept, and ``pretrain-base`` reproduces what it writes."""
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -13,8 +15,15 @@ from peft_hcp.embedded.pipeline import (
     untrained_pipeline,
 )
 from peft_hcp.embedded.pretrain import PretrainPlan, follow_prompts, pretrain
+from peft_hcp.errors import CheckpointError
 from peft_hcp.train.concept import concept_score, shape_score
-from peft_hcp.train.data import BASE_COLOURS, CONCEPT_COLOUR, ShapesDataset, concept_dataset, to_image
+from peft_hcp.train.data import (
+    BASE_COLOURS,
+    CONCEPT_COLOUR,
+    ShapesDataset,
+    concept_dataset,
+    to_image,
+)
 from peft_hcp.train.sampling import render
 from peft_hcp.train.settings import SampleSettings
 
@@ -69,10 +78,15 @@ def test_base_weights_load_strictly(tmp_path):
     assert rebuilt.vae.config.scaling_factor == 0.5
 
     tensors = load_file(path)
-    tensors.pop(next(k for k in tensors if k.startswith("unet.")))
+    dropped = next(k for k in tensors if k.startswith("unet."))
+    tensors.pop(dropped)
     save_file(tensors, path, metadata={SCALING_FACTOR_KEY: "1.0"})
-    with pytest.raises(RuntimeError, match="Missing key"):
-        load_base_weights(untrained_pipeline(), path)
+    target = untrained_pipeline()
+    before = {name: {k: v.clone() for k, v in getattr(target, name).state_dict().items()} for name in ("vae", "text_encoder", "unet")}
+    with pytest.raises(CheckpointError, match=rf"{re.escape(path)} does not fit the pipeline's unet: missing \['{dropped[5:]}'\]"):
+        load_base_weights(target, path)
+    for name, state in before.items():  # nothing was copied: the vae and text encoder come before the unet
+        assert all(torch.equal(state[k], v) for k, v in getattr(target, name).state_dict().items()), name
 
 
 def test_pretraining_is_deterministic(tmp_path):

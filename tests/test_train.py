@@ -41,7 +41,6 @@ from peft_hcp.train.data import FolderDataset, ShapesDataset
 from peft_hcp.train.sampling import GAP, LINE
 from tests.helpers import unet_out
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 LORA = os.path.join(CONFIGS, "lora.yaml")

@@ -15,12 +15,19 @@ from importlib import resources
 from typing import Optional
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from peft_hcp.base.files import read_safetensors
 from peft_hcp.embedded.models import tiny_clip_text_model, tiny_unet, tiny_vae
+from peft_hcp.errors import CheckpointError
 
 #: The pipeline components whose weights the base file holds, each under its name as a key prefix.
 BASE_COMPONENTS = ("vae", "text_encoder", "unet")
@@ -63,14 +70,31 @@ def save_base_weights(pipe: StableDiffusionPipeline, path: str, dtype: torch.dty
 
 
 def load_base_weights(pipe: StableDiffusionPipeline, path: str) -> None:
-    """Load a file of :func:`save_base_weights` into ``pipe`` (strictly: every weight, nothing else)."""
-    tensors = load_file(path)
+    """Load a file of :func:`save_base_weights` into ``pipe``: every weight, nothing else, each of its shape.
+
+    The whole file is checked before any weight is copied, so a file that does not fit leaves ``pipe`` as it was.
+    """
+    tensors = read_safetensors(path)
+    with safe_open(path, "pt") as handle:
+        scaling_factor = (handle.metadata() or {}).get(SCALING_FACTOR_KEY)
+    if scaling_factor is None:
+        raise CheckpointError(f"{path} has no {SCALING_FACTOR_KEY!r} in its metadata; it is not a base weights file.")
+    states = {}
     for name in BASE_COMPONENTS:
         prefix = f"{name}."
-        state = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+        states[name] = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+        expected = getattr(pipe, name).state_dict()
+        missing = sorted(expected.keys() - states[name].keys())
+        unexpected = sorted(states[name].keys() - expected.keys())
+        misshapen = [k for k in expected.keys() & states[name].keys() if expected[k].shape != states[name][k].shape]
+        if missing or unexpected or misshapen:
+            raise CheckpointError(
+                f"{path} does not fit the pipeline's {name}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                f"of another shape {misshapen[:3]} (first three of each)."
+            )
+    for name, state in states.items():
         getattr(pipe, name).load_state_dict(state, strict=True)
-    with safe_open(path, "pt") as handle:
-        pipe.vae.register_to_config(scaling_factor=float(handle.metadata()[SCALING_FACTOR_KEY]))
+    pipe.vae.register_to_config(scaling_factor=float(scaling_factor))
 
 
 def embedded_pipeline() -> StableDiffusionPipeline:

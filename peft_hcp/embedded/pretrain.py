@@ -172,7 +172,12 @@ def measure(pipe, items: int = 64, seeds=FOLLOW_SEEDS) -> BaseFigures:
     sampled as ``peft-hcp train`` samples (its default steps and guidance)."""
     from peft_hcp.embedded.pipeline import default_resolution
     from peft_hcp.train.concept import concept_score, shape_score
-    from peft_hcp.train.data import BASE_COLOURS, CONCEPT_COLOUR, ShapesDataset, concept_dataset
+    from peft_hcp.train.data import (
+        BASE_COLOURS,
+        CONCEPT_COLOUR,
+        ShapesDataset,
+        concept_dataset,
+    )
     from peft_hcp.train.sampling import render
     from peft_hcp.train.settings import SampleSettings
 
@@ -201,7 +206,11 @@ def measure(pipe, items: int = 64, seeds=FOLLOW_SEEDS) -> BaseFigures:
 
 def pretrain(plan: PretrainPlan, out: str):
     """Both stages from the untrained pipeline; writes ``out`` and returns the trained pipeline."""
-    from peft_hcp.embedded.pipeline import default_resolution, save_base_weights, untrained_pipeline
+    from peft_hcp.embedded.pipeline import (
+        default_resolution,
+        save_base_weights,
+        untrained_pipeline,
+    )
 
     torch.set_num_threads(plan.threads)
     pipe = untrained_pipeline(plan.seed)
@@ -230,7 +239,11 @@ def _options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from peft_hcp.embedded.pipeline import base_weights_path, load_base_weights, untrained_pipeline
+    from peft_hcp.embedded.pipeline import (
+        base_weights_path,
+        load_base_weights,
+        untrained_pipeline,
+    )
 
     plan = PretrainPlan(**{spec.name: getattr(args, spec.name) for spec in fields(PretrainPlan)})
     out = args.out or base_weights_path()

@@ -8,7 +8,6 @@ from typing import Optional
 
 import torch
 from diffusers import DDIMScheduler
-from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image, ImageDraw, ImageFont
 
 from peft_hcp.base.blocks import WeightedBlock

@@ -31,7 +31,13 @@ from peft_hcp.train.checkpoint import (
     save_checkpoint,
 )
 from peft_hcp.train.concept import BeforeAfter, concept_score, control_iou
-from peft_hcp.train.data import ShapesDataset, batch_indices, collate, make_dataset, to_image
+from peft_hcp.train.data import (
+    ShapesDataset,
+    batch_indices,
+    collate,
+    make_dataset,
+    to_image,
+)
 from peft_hcp.train.plugins import SECTIONS, PluginEntry, attach_plugins, parse_section
 from peft_hcp.train.sampling import grid, needs_condition, render_off_on
 
