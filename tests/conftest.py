@@ -1,10 +1,26 @@
 """Shared fixtures: tiny real models built from configs (nothing is downloaded), one torch thread."""
 
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
 import peft_hcp  # noqa: F401  (registers the peft-hcp types with PEFT)
 from peft_hcp.embedded import tiny_clip_text_model, tiny_unet, unet_inputs
+
+# torch.compile keeps compiled kernels in a cache every process of the user shares (/tmp/torchinductor_<user>):
+# a run killed while writing one left a truncated .so there, and the next run's compile test failed on it
+# ("file too short"). Each session compiles into its own folder (child processes inherit it), unless one is set.
+_OWN_INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+if _OWN_INDUCTOR_CACHE:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="peft-hcp-inductor-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_INDUCTOR_CACHE:
+        shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
