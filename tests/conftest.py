@@ -4,23 +4,24 @@ import os
 import shutil
 import tempfile
 
-import pytest
-import torch
-
-import peft_hcp  # noqa: F401  (registers the peft-hcp types with PEFT)
-from peft_hcp.embedded import tiny_clip_text_model, tiny_unet, unet_inputs
-
 # torch.compile keeps compiled kernels in a cache every process of the user shares (/tmp/torchinductor_<user>):
 # a run killed while writing one left a truncated .so there, and the next run's compile test failed on it
-# ("file too short"). Each session compiles into its own folder (child processes inherit it), unless one is set.
-_OWN_INDUCTOR_CACHE = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
-if _OWN_INDUCTOR_CACHE:
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="peft-hcp-inductor-")
+# ("file too short"). The suite always compiles into a folder of its own (child processes inherit it): torch
+# itself writes the default into TORCHINDUCTOR_CACHE_DIR when it first looks, so a value found here may not
+# be a caller's choice.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="peft-hcp-inductor-")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import peft_hcp  # noqa: F401, E402  (registers the peft-hcp types with PEFT)
+from peft_hcp.embedded import tiny_clip_text_model, tiny_unet, unet_inputs  # noqa: E402
+
+_INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _OWN_INDUCTOR_CACHE:
-        shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+    shutil.rmtree(_INDUCTOR_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
