@@ -15,6 +15,7 @@ from peft_hcp.adapters.lora import HcpLoraConfig, LoraBlock
 from peft_hcp.adapters.prelu import HcpPReLUConfig, PReLUPatch
 from peft_hcp.adapters.skip import HcpSkipConfig, SkipBlock
 
+
 __all__ = [
     "ControlNetPlugin",
     "HcpControlNetConfig",

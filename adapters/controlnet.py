@@ -33,20 +33,39 @@ from typing import Any, Optional
 import torch
 from diffusers import ControlNetModel
 from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
-from peft_hcp.adapters.controlnet_common import ControlNetBase, clean_copy
 from torch import nn
 
+from peft_hcp.adapters.controlnet_common import ControlNetBase, clean_copy
 from peft_hcp.errors import SelectorMatchError, UnsupportedLayerError
 from peft_hcp.hooked import HcpHookedModel, HcpMultiPluginConfig, MultiPluginLayer
 from peft_hcp.selectors import Target
 
+
 #: UNet config entries a ``ControlNetModel`` takes over from its UNet (as ``ControlNetModel.from_unet`` does).
 _SHARED_CONFIG = (
-    "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "only_cross_attention",
-    "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor", "act_fn",
-    "norm_num_groups", "norm_eps", "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim",
-    "num_attention_heads", "use_linear_projection", "upcast_attention", "resnet_time_scale_shift",
-    "mid_block_type", "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+    "in_channels",
+    "flip_sin_to_cos",
+    "freq_shift",
+    "down_block_types",
+    "only_cross_attention",
+    "block_out_channels",
+    "layers_per_block",
+    "downsample_padding",
+    "mid_block_scale_factor",
+    "act_fn",
+    "norm_num_groups",
+    "norm_eps",
+    "cross_attention_dim",
+    "transformer_layers_per_block",
+    "attention_head_dim",
+    "num_attention_heads",
+    "use_linear_projection",
+    "upcast_attention",
+    "resnet_time_scale_shift",
+    "mid_block_type",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
 )
 
 
@@ -66,7 +85,12 @@ class ControlNetPlugin(ControlNetBase):
     """ControlNet residuals computed from a copy of the host encoder; see the module docstring."""
 
     call_keys = (
-        "timestep", "encoder_hidden_states", "timestep_cond", "attention_mask", "cross_attention_kwargs", "added_cond_kwargs",
+        "timestep",
+        "encoder_hidden_states",
+        "timestep_cond",
+        "attention_mask",
+        "cross_attention_kwargs",
+        "added_cond_kwargs",
     )
     diffusers_class = ControlNetModel
     plugin_fields = ("conditioning_channels", "conditioning_embedding_out_channels")
@@ -117,7 +141,7 @@ class ControlNetPlugin(ControlNetBase):
         )
 
     def __init__(
-        self, from_layers: list[Target], to_layers: list[Target], host: nn.Module, config: "HcpControlNetConfig"
+        self, from_layers: list[Target], to_layers: list[Target], host: nn.Module, config: HcpControlNetConfig
     ) -> None:
         super().__init__(from_layers, to_layers, host, config)
         self.n_down = len(host.down_blocks)
@@ -147,7 +171,8 @@ class ControlNetPlugin(ControlNetBase):
         )
         self.zero_conv_mid = _zero_conv(self.mid_block.resnets[-1].out_channels)
         self.init_zero(
-            [self.zero_conv_in, self.zero_conv_mid, *self.zero_convs_down, self.cond_embedding.conv_out], config.init_weights
+            [self.zero_conv_in, self.zero_conv_mid, *self.zero_convs_down, self.cond_embedding.conv_out],
+            config.init_weights,
         )
         self.to(self.conv_in.weight.dtype)
 
@@ -193,7 +218,11 @@ class ControlNetPlugin(ControlNetBase):
         mask = call.get("attention_mask")
         if mask is not None:  # as UNet2DConditionModel.forward prepares it
             mask = ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
-        cross = dict(encoder_hidden_states=context, attention_mask=mask, cross_attention_kwargs=call.get("cross_attention_kwargs"))
+        cross = dict(
+            encoder_hidden_states=context,
+            attention_mask=mask,
+            cross_attention_kwargs=call.get("cross_attention_kwargs"),
+        )
         hidden = self.conv_in(sample.to(dtype)) + self.cond_embedding(cond.to(dtype))
         stem = self.zero_conv_in(hidden) * self.scaling
         down = []
@@ -218,7 +247,11 @@ class ControlNetPlugin(ControlNetBase):
         expected = tuple(s * self.cond_scale for s in sample.shape[-2:])
         cond = self.condition(
             sample.shape[0],
-            lambda c: None if tuple(c.shape[-2:]) == expected else f"is {tuple(c.shape[-2:])} pixels; this UNet call needs {expected}",
+            lambda c: (
+                None
+                if tuple(c.shape[-2:]) == expected
+                else f"is {tuple(c.shape[-2:])} pixels; this UNet call needs {expected}"
+            ),
         )
         self.cache["res"] = self.residuals(sample, call, cond)
 

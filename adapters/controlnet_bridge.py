@@ -22,13 +22,15 @@ from diffusers import (
     SD3ControlNetModel,
 )
 from peft import PeftModel, get_peft_model
+from torch import nn
+
 from peft_hcp.adapters.controlnet import HcpControlNetConfig
 from peft_hcp.adapters.controlnet_common import ControlNetBase
 from peft_hcp.adapters.controlnet_dit import (
     HcpFluxControlNetConfig,
     HcpSD3ControlNetConfig,
 )
-from torch import nn
+
 
 _CONFIGS = {
     ControlNetModel: HcpControlNetConfig,

@@ -13,8 +13,8 @@ from __future__ import annotations
 import copy
 import inspect
 from collections import OrderedDict
-from collections.abc import Iterable
-from typing import Any, Callable, ClassVar, Optional
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, Optional
 
 import torch
 from diffusers import ModelMixin
@@ -133,7 +133,9 @@ class ControlNetBase(MultiPluginBlock):
             raise ValueError(f"{type(self).__name__}: the fed 'cond' {problem}.")
         if cond.shape[0] != batch:
             if batch % cond.shape[0]:
-                raise ValueError(f"The fed 'cond' has batch {cond.shape[0]}, which does not divide the model's batch {batch}.")
+                raise ValueError(
+                    f"The fed 'cond' has batch {cond.shape[0]}, which does not divide the model's batch {batch}."
+                )
             cond = cond.repeat(batch // cond.shape[0], *([1] * (cond.ndim - 1)))
         return cond
 
@@ -165,4 +167,3 @@ class ControlNetBase(MultiPluginBlock):
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}."
             )
         self.load_state_dict({names[k]: v for k, v in state.items()}, strict=True)
-

@@ -38,9 +38,9 @@ from diffusers.models.transformers.transformer_flux import (
     FluxSingleTransformerBlock,
     FluxTransformerBlock,
 )
-from peft_hcp.adapters.controlnet_common import ControlNetBase, base_module, clean_copy
 from torch import nn
 
+from peft_hcp.adapters.controlnet_common import ControlNetBase, base_module, clean_copy
 from peft_hcp.errors import SelectorMatchError, UnsupportedLayerError
 from peft_hcp.hooked import HcpHookedModel, HcpMultiPluginConfig, MultiPluginLayer
 from peft_hcp.selectors import Target
@@ -67,7 +67,9 @@ class DiTControlNetPlugin(ControlNetBase):
     def check_host(cls, host: nn.Module, config: Any) -> None:
         kind = type(host).__name__
         if getattr(host, "config", None) is None:
-            raise UnsupportedLayerError(f"{cls.__name__} copies a diffusers transformer; {kind} has no diffusers config.")
+            raise UnsupportedLayerError(
+                f"{cls.__name__} copies a diffusers transformer; {kind} has no diffusers config."
+            )
         for group in cls.groups:
             blocks = getattr(host, group.attr, None)
             if not isinstance(blocks, nn.ModuleList) or not all(isinstance(b, group.block_type) for b in blocks):
@@ -81,7 +83,9 @@ class DiTControlNetPlugin(ControlNetBase):
                     f"{cls.__name__}: {group.count}={wanted}, but {kind} has {len(blocks)} blocks in '{group.attr}'."
                 )
         if sum(getattr(config, group.count) for group in cls.groups) == 0:
-            raise UnsupportedLayerError(f"{cls.__name__}: copy at least one block ({', '.join(g.count for g in cls.groups)}).")
+            raise UnsupportedLayerError(
+                f"{cls.__name__}: copy at least one block ({', '.join(g.count for g in cls.groups)})."
+            )
         for name in (*cls.copied, cls.latent_embedder):
             if getattr(host, name, None) is None:
                 raise UnsupportedLayerError(f"{cls.__name__} needs the host's {name!r}; {kind} has none.")
@@ -180,7 +184,11 @@ class DiTControlNetPlugin(ControlNetBase):
         expected = self.cond_shape(latents)
         cond = self.condition(
             latents.shape[0],
-            lambda c: None if tuple(c.shape[1:]) == expected else f"has items of shape {tuple(c.shape[1:])}; this call needs {expected}",
+            lambda c: (
+                None
+                if tuple(c.shape[1:]) == expected
+                else f"has items of shape {tuple(c.shape[1:])}; this call needs {expected}"
+            ),
         )
         self.cache["res"] = self.residuals(latents, call, cond)
 
@@ -221,9 +229,17 @@ class SD3ControlNetPlugin(DiTControlNetPlugin):
     @classmethod
     def diffusers_config(cls, host_config: dict, config: Any) -> dict:
         shared = (
-            "sample_size", "patch_size", "in_channels", "attention_head_dim", "num_attention_heads",
-            "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
-            "pos_embed_max_size", "qk_norm",
+            "sample_size",
+            "patch_size",
+            "in_channels",
+            "attention_head_dim",
+            "num_attention_heads",
+            "joint_attention_dim",
+            "caption_projection_dim",
+            "pooled_projection_dim",
+            "out_channels",
+            "pos_embed_max_size",
+            "qk_norm",
         )
         return {
             **{key: host_config[key] for key in shared},
@@ -274,7 +290,9 @@ class FluxControlNetPlugin(DiTControlNetPlugin):
 
     groups = (
         BlockGroup("transformer_blocks", "num_layers", "controlnet_blocks", FluxTransformerBlock),
-        BlockGroup("single_transformer_blocks", "num_single_layers", "controlnet_single_blocks", FluxSingleTransformerBlock),
+        BlockGroup(
+            "single_transformer_blocks", "num_single_layers", "controlnet_single_blocks", FluxSingleTransformerBlock
+        ),
     )
     copied = ("time_text_embed", "context_embedder", "x_embedder", "pos_embed")
     latent_embedder = "x_embedder"
@@ -285,8 +303,14 @@ class FluxControlNetPlugin(DiTControlNetPlugin):
     @classmethod
     def diffusers_config(cls, host_config: dict, config: Any) -> dict:
         shared = (
-            "patch_size", "in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
-            "pooled_projection_dim", "guidance_embeds", "axes_dims_rope",
+            "patch_size",
+            "in_channels",
+            "attention_head_dim",
+            "num_attention_heads",
+            "joint_attention_dim",
+            "pooled_projection_dim",
+            "guidance_embeds",
+            "axes_dims_rope",
         )
         return {
             **{key: host_config[key] for key in shared},
@@ -332,8 +356,10 @@ class HcpSD3ControlNetConfig(HcpMultiPluginConfig):
     )
     force_zeros_for_pooled_projection: bool = field(
         default=True,
-        metadata={"help": "Give the copy zero pooled projections (diffusers' default; its pipeline then skips "
-                  "the VAE shift on the control latents)."},
+        metadata={
+            "help": "Give the copy zero pooled projections (diffusers' default; its pipeline then skips "
+            "the VAE shift on the control latents)."
+        },
     )
 
 
@@ -343,7 +369,6 @@ class HcpSD3ControlNetContainer(MultiPluginLayer, type_name="hcp_sd3_controlnet"
 
 class HcpSD3ControlNetModel(HcpHookedModel, layer_cls=HcpSD3ControlNetContainer, config_cls=HcpSD3ControlNetConfig):
     """The PEFT tuner of ``hcp_sd3_controlnet``; defining it registers the type with PEFT."""
-
 
 
 @dataclass

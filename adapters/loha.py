@@ -65,7 +65,7 @@ class LohaBlock(LowRankBlock):
     rank_dims = {"hada_w1_a": 1, "hada_w1_b": 0, "hada_w2_a": 1, "hada_w2_b": 0}
     scale_weight = "hada_w1_a"
 
-    def __init__(self, host: nn.Module, config: "HcpLohaConfig") -> None:
+    def __init__(self, host: nn.Module, config: HcpLohaConfig) -> None:
         super().__init__(host, config)
         _, out_features = host_shape(host)
         fan_in = host.weight[0].numel()
@@ -88,7 +88,6 @@ class LohaBlock(LowRankBlock):
         for index in range(1, self.rank_groups + 1):
             factors += [getattr(self, f"hada_w{index}_a"), getattr(self, f"hada_w{index}_b")]
         return _HadamardOfLowRanks.apply(self.scaling, *factors)
-
 
     def kohya_tensors(self) -> dict[str, torch.Tensor]:
         if self.rank_groups != 2:

@@ -26,6 +26,7 @@ from peft_hcp.single.lowrank import (
     scaling,
 )
 
+
 _W1 = ("lokr_w1", "lokr_w1_a", "lokr_w1_b")
 _W2 = ("lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 _W1_FORMS = ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"})
@@ -47,7 +48,7 @@ class LokrBlock(LowRankBlock):
     rank_dims = {"lokr_w1_a": 1, "lokr_w1_b": 0, "lokr_w2_a": 1, "lokr_w2_b": 0, "lokr_t2": 0}
     scale_weight = "lokr_w1"
 
-    def __init__(self, host: nn.Module, config: "HcpLokrConfig") -> None:
+    def __init__(self, host: nn.Module, config: HcpLokrConfig) -> None:
         super().__init__(host, config)
         in_features, out_features = host_shape(host)
         self.rank = r = resolve_rank(config.r, out_features)
@@ -95,11 +96,7 @@ class LokrBlock(LowRankBlock):
 
     @classmethod
     def matches_kohya(cls, names: set[str]) -> bool:
-        return (
-            names <= set(cls.kohya_weights)
-            and names & set(_W1) in _W1_FORMS
-            and names & set(_W2) in _W2_FORMS
-        )
+        return names <= set(cls.kohya_weights) and names & set(_W1) in _W1_FORMS and names & set(_W2) in _W2_FORMS
 
     @classmethod
     def kohya_rank(cls, tensors: dict[str, torch.Tensor]) -> int:
@@ -183,7 +180,9 @@ class HcpLokrConfig(HcpSingleConfig):
     neither factor is decomposed (LyCORIS uses 1 there; export folds the scale into ``lokr_w1``).
     """
 
-    r: Union[int, float] = field(default=8, metadata={"help": "Rank of the decomposed factors, or a ratio of the output features."})
+    r: Union[int, float] = field(
+        default=8, metadata={"help": "Rank of the decomposed factors, or a ratio of the output features."}
+    )
     alpha: float = field(default=8.0, metadata={"help": "Strength; divided by the rank when alpha_auto_scale."})
     alpha_auto_scale: bool = field(default=True, metadata={"help": "Scale by alpha / rank instead of alpha."})
     decompose_both: bool = field(default=False, metadata={"help": "Decompose w1 into a rank-r product too."})

@@ -34,7 +34,7 @@ class LoraBlock(LowRankBlock):
     rank_dims = {"lora_down.weight": 0, "lora_up.weight": 1}
     scale_weight = "lora_up.weight"
 
-    def __init__(self, host: nn.Module, config: "HcpLoraConfig") -> None:
+    def __init__(self, host: nn.Module, config: HcpLoraConfig) -> None:
         super().__init__(host, config)
         in_features, out_features = host_shape(host)
         self.rank = resolve_rank(config.r, out_features)
@@ -165,7 +165,8 @@ class HcpLoraConfig(HcpSingleConfig):
     )
     lora_bias: bool = field(default=False, metadata={"help": "Give lora_up a trainable bias (PEFT's name)."})
     use_dora: bool = field(
-        default=False, metadata={"help": "DoRA: rescale W + ΔW per output channel to a trained magnitude (PEFT's name)."}
+        default=False,
+        metadata={"help": "DoRA: rescale W + ΔW per output channel to a trained magnitude (PEFT's name)."},
     )
 
     def __post_init__(self) -> None:

@@ -32,7 +32,7 @@ class PReLUPatch(PatchPluginBlock):
     wrapable_classes = (nn.SiLU,)
     container_cls = ReplacePatchContainer
 
-    def __init__(self, host: nn.Module, config: "HcpPReLUConfig") -> None:
+    def __init__(self, host: nn.Module, config: HcpPReLUConfig) -> None:
         super().__init__(host, config)
         self.act = nn.PReLU(num_parameters=1, init=config.p)
         if not config.init_weights:

@@ -58,7 +58,7 @@ def _features(target: Target, side: str, given: Optional[int], pair: str) -> int
 class SkipBlock(PluginBlock):
     """``fea_out + proj(fea_from[0]) * scaling`` (``fea_in[0] + ...`` for a ``prehook:`` to-layer)."""
 
-    def __init__(self, from_layer: Target, to_layer: Target, config: "HcpSkipConfig") -> None:
+    def __init__(self, from_layer: Target, to_layer: Target, config: HcpSkipConfig) -> None:
         super().__init__(from_layer, to_layer, config)
         widths = config.features if isinstance(config.features, (list, tuple)) else [config.features] * 2
         pair = f"from {from_layer.name!r} to {to_layer.name!r}"

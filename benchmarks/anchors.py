@@ -16,6 +16,7 @@ from types import ModuleType
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+
 #: how to install what the anchor columns (and the plot) need
 INSTALL = "pip install -e '.[bench]'"
 

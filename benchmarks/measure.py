@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+
 _M_MMAP_THRESHOLD = -3
 
 

@@ -21,6 +21,7 @@ from benchmarks.anchors import Skip, need
 from benchmarks.workload import TRAIN_TARGETS, Workload
 from peft_hcp import HcpLohaConfig, HcpLoraConfig
 
+
 RANK = 8
 #: HCP-Diffusion's default LoRA dropout; PEFT's ``lora_dropout`` is set to the same
 DROPOUT = 0.1
@@ -218,7 +219,10 @@ def load(w: Workload) -> Pair:
     """``PeftModel.from_pretrained`` of an adapter on every Linear/Conv2d (safetensors, from disk)."""
     names = w.linear_and_conv_names()
     root = tempfile.mkdtemp(prefix="peft-hcp-bench-")
-    for sub, config in (("hcp", HcpLoraConfig(target_modules=names, r=RANK)), ("ref", LoraConfig(target_modules=names, r=RANK))):
+    for sub, config in (
+        ("hcp", HcpLoraConfig(target_modules=names, r=RANK)),
+        ("ref", LoraConfig(target_modules=names, r=RANK)),
+    ):
         get_peft_model(w.twin(), config).save_pretrained(f"{root}/{sub}")
 
     def side(sub):
@@ -322,7 +326,7 @@ def compile_lora(w: Workload) -> Pair:
 
 def compile_kinds(w: Workload) -> Pair:
     """LoRA, LoHa, a skip and the PReLU patch in place on one tiny UNet: ``torch.compile`` against the same
-    model eager (every kind traces without a graph break; ``tests/test_compile.py``)."""
+    model eager (every kind traces without a graph break; ``tests/base/test_compile.py``)."""
     tiny = Workload(w.device, w.dtype, resolution=16, batch=w.batch, model="tiny")
     hcp = need("peft_hcp")
     attach = need("peft_hcp.adapter_set").attach

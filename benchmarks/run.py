@@ -39,7 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="Untimed calls of each side first.")
     parser.add_argument("--model", choices=("sd15", "tiny"), default="sd15", help="SD1.5-shaped UNet, or the tiny one.")
     parser.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch (default 1 on CPU: steadier on a shared machine)."
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default 1 on CPU: steadier on a shared machine).",
     )
     parser.add_argument("--only", nargs="+", metavar="PAIR", help=f"Run only these pairs, of: {', '.join(PAIRS)}.")
     parser.add_argument("--json", metavar="PATH", help="Write the raw numbers here.")

@@ -20,6 +20,7 @@ from benchmarks.measure import benchmark_process
 from benchmarks.run import run_pair
 from benchmarks.workload import DTYPES, Workload
 
+
 PAIR = "train_lora_dropout"
 LABELS = {"hcp": "peft-hcp HcpLora", "ref": "PEFT LoRA"}
 

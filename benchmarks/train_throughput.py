@@ -17,13 +17,22 @@ from peft import LoraConfig
 import peft_hcp  # noqa: F401
 from peft_hcp.train import Trainer, load_settings, parse_section
 
+
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "lora.yaml")
 
 
 def measure(entries_for, steps: int, batch_size: int) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as out:
-        overrides = [f"output_dir={out}", f"steps={steps}", f"batch_size={batch_size}", "save_every=0",
-                     "sample.steps=1", "sample.seeds=[0]", "sample.prompts=[a]", "log_every=0"]
+        overrides = [
+            f"output_dir={out}",
+            f"steps={steps}",
+            f"batch_size={batch_size}",
+            "save_every=0",
+            "sample.steps=1",
+            "sample.seeds=[0]",
+            "sample.prompts=[a]",
+            "log_every=0",
+        ]
         settings = load_settings(CONFIG, overrides)
         trainer = Trainer(settings, entries_for(settings))
         hosts = sum(len(g["params"]) for g in trainer.groups) // 2

@@ -16,6 +16,7 @@ from torch import nn
 from benchmarks.measure import saved_for_backward
 from peft_hcp.embedded import sd15_unet, tiny_unet
 
+
 TEXT_TOKENS = 77
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # attention projections, feed-forward and ResNet convolutions: what a typical SD LoRA trains
@@ -61,7 +62,7 @@ class Workload:
     def linear_and_conv_names(self) -> list[str]:
         return [n for n, m in self.base.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
-    def infer(self, model: nn.Module, **kwargs) -> "callable":
+    def infer(self, model: nn.Module, **kwargs) -> callable:
         sample, timestep, text = self.inputs
 
         def step() -> torch.Tensor:
@@ -70,7 +71,7 @@ class Workload:
 
         return step
 
-    def train(self, model: nn.Module, forward: Optional[Callable[[], torch.Tensor]] = None) -> "TrainStep":
+    def train(self, model: nn.Module, forward: Optional[Callable[[], torch.Tensor]] = None) -> TrainStep:
         """One optimiser step (forward, backward, AdamW) on ``model``'s trainable parameters."""
         sample, timestep, text = self.inputs
         target = torch.randn(sample.shape, generator=torch.Generator().manual_seed(1)).to(sample)

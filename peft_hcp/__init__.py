@@ -44,6 +44,7 @@ from peft_hcp.single import HcpSingleConfig, SinglePluginBlock, register_single_
 from peft_hcp.single.lowrank import LowRankBlock
 from peft_hcp.wrap import wrap_model
 
+
 __version__ = version("peft-hcp")
 
 __all__ = [

@@ -49,6 +49,7 @@ from peft_hcp.base.blocks import BlockLayer
 from peft_hcp.base.files import check_adapter_folder, read_safetensors
 from peft_hcp.errors import CheckpointError
 
+
 MANIFEST_NAME = "adapter_set.json"
 MANIFEST_FORMAT = "peft-hcp-adapter-set"
 #: Pipeline components that may carry plugins, in the order they are saved.

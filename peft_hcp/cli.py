@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
+
 COMMAND_MODULES = (
     "peft_hcp.train.train_command",
     "peft_hcp.train.sample_command",

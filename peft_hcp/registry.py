@@ -16,10 +16,12 @@ module named in the file: only types registered in this process can be built.
 from __future__ import annotations
 
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType, register_peft_method
+
 
 TYPE_PREFIX = "hcp_"
 ConfigT = TypeVar("ConfigT", bound=type)
@@ -47,7 +49,9 @@ def register_tuner(name: str, config_cls: type, model_cls: type) -> PeftType:
     The adapter prefix is ``name + "_"``; ``model_cls.prefix`` must equal it.
     """
     if not name.startswith(TYPE_PREFIX) or not name.isidentifier() or not name.islower():
-        raise ValueError(f"A peft-hcp type name must be a lower-case identifier starting with {TYPE_PREFIX!r}: {name!r}")
+        raise ValueError(
+            f"A peft-hcp type name must be a lower-case identifier starting with {TYPE_PREFIX!r}: {name!r}"
+        )
     peft_type = peft_type_for(name)
     known = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
     if known is not None:

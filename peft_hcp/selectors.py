@@ -37,6 +37,7 @@ from torch import nn
 
 from peft_hcp.errors import SelectorMatchError, SelectorSyntaxError
 
+
 ALL_LINEAR = "all-linear"
 _REGEX_FLAG = "re"
 _PREHOOK_FLAGS = ("prehook", "pre_hook")

@@ -30,6 +30,7 @@ from peft import inject_adapter_in_model
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from torch import nn
 
+
 ClassSpec = Union[str, type]
 
 

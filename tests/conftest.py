@@ -4,6 +4,7 @@ import os
 import shutil
 import tempfile
 
+
 # torch.compile keeps compiled kernels in a cache every process of the user shares (/tmp/torchinductor_<user>):
 # a run killed while writing one left a truncated .so there, and the next run's compile test failed on it
 # ("file too short"). The suite always compiles into a folder of its own (child processes inherit it): torch
@@ -16,6 +17,7 @@ import torch  # noqa: E402
 
 import peft_hcp  # noqa: F401, E402  (registers the peft-hcp types with PEFT)
 from peft_hcp.embedded import tiny_clip_text_model, tiny_unet, unet_inputs  # noqa: E402
+
 
 _INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"]
 

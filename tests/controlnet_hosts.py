@@ -3,7 +3,7 @@ with their control inputs and a short training loop."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from peft_hcp.embedded.models import (
     tiny_sd3,
     tiny_sdxl_unet,
 )
+
 
 #: name -> (host builder, call inputs, shape of one control input); SDXL takes an image twice the latent size.
 HOSTS: dict[str, tuple[Callable[[], nn.Module], Callable[..., dict], tuple[int, ...]]] = {

@@ -6,8 +6,9 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from torch import nn
 
 from peft_hcp.embedded import default_resolution, embedded_pipeline
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "a cat"

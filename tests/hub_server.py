@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
+
 TOKEN = "hf_loopback_test_token"
 _REPO = r"(?P<repo>[^/]+/[^/]+)"
 
@@ -43,7 +44,7 @@ class LoopbackHub:
         self.endpoint = f"http://127.0.0.1:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "LoopbackHub":
+    def __enter__(self) -> LoopbackHub:
         self._thread.start()
         return self
 
@@ -126,7 +127,7 @@ def _handler(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
                 match = re.fullmatch(pattern, path)
                 if verb == method and match:
                     with hub._lock:
-                        return action(**{k: v for k, v in match.groupdict().items()})
+                        return action(**match.groupdict())
             self._error(404, f"loopback hub: no route for {method} {path}")
 
         def do_GET(self) -> None:
@@ -145,13 +146,17 @@ def _handler(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
                 return
             repo = f"{data.get('organization') or 'user'}/{data['name']}"
             if repo in hub.repos:
-                return self._send(409, {"error": "You already created this model repo", "url": f"{hub.endpoint}/{repo}"})
+                return self._send(
+                    409, {"error": "You already created this model repo", "url": f"{hub.endpoint}/{repo}"}
+                )
             hub.create(repo)
             self._send(200, {"url": f"{hub.endpoint}/{repo}", "name": repo})
 
         def _whoami(self) -> None:
             if self._authorized():
-                self._send(200, {"type": "user", "name": "user", "orgs": [], "auth": {"accessToken": {"role": "write"}}})
+                self._send(
+                    200, {"type": "user", "name": "user", "orgs": [], "auth": {"accessToken": {"role": "write"}}}
+                )
 
         def _preupload(self, repo: str, rev: str) -> None:
             data = json.loads(self._body())
@@ -178,14 +183,18 @@ def _handler(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
                 else:
                     return self._error(400, f"loopback hub: unsupported commit operation {line['key']!r}")
             sha = hub._commit(repo, files, message)
-            self._send(200, {"commitUrl": f"{hub.endpoint}/{repo}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})
+            self._send(
+                200, {"commitUrl": f"{hub.endpoint}/{repo}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None}
+            )
 
         def _info(self, repo: str, rev: str | None = None) -> None:
             if not self._repo_known(repo):
                 return
             sha, files = hub.files_at(repo, rev or "main")
             siblings = [{"rfilename": p} for p in sorted(files)]
-            self._send(200, {"id": repo, "modelId": repo, "sha": sha, "private": False, "siblings": siblings, "tags": []})
+            self._send(
+                200, {"id": repo, "modelId": repo, "sha": sha, "private": False, "siblings": siblings, "tags": []}
+            )
 
         def _tree(self, repo: str, rev: str, sub: str | None = None) -> None:
             if not self._repo_known(repo):
@@ -233,7 +242,9 @@ def loopback_hub(tmp_path, monkeypatch):
             monkeypatch.setenv(key, value)
         # this process imported huggingface_hub already: patch what the client reads at call time
         monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        )
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
         monkeypatch.setattr(hf_api.api, "endpoint", hub.endpoint)  # the module-level HfApi() behind create_repo & co

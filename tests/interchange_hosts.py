@@ -17,8 +17,16 @@ from peft_hcp.embedded.models import SDXL_TEXT_EMBEDS, tiny_sdxl_unet
 
 def _text_config(hidden: int) -> CLIPTextConfig:
     return CLIPTextConfig(
-        vocab_size=1000, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1, projection_dim=SDXL_TEXT_EMBEDS,
+        vocab_size=1000,
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        projection_dim=SDXL_TEXT_EMBEDS,
     )
 
 
@@ -30,8 +38,13 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_path())
     vae: AutoencoderKL = tiny_vae(seed)
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=tiny_sdxl_unet(seed), scheduler=EulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=tiny_sdxl_unet(seed),
+        scheduler=EulerDiscreteScheduler(),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -40,6 +53,11 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
 def sdxl_latents(pipe: StableDiffusionXLPipeline, steps: int = 2) -> torch.Tensor:
     with torch.no_grad():
         return pipe(
-            "a cat", num_inference_steps=steps, height=32, width=32, guidance_scale=1.0, output_type="latent",
+            "a cat",
+            num_inference_steps=steps,
+            height=32,
+            width=32,
+            guidance_scale=1.0,
+            output_type="latent",
             generator=torch.Generator().manual_seed(0),
         ).images

@@ -18,6 +18,7 @@ from peft_hcp.embedded import tiny_unet
 from peft_hcp.registry import register_tuner
 from tests.helpers import run_python, unet_out
 
+
 TARGETS = ["re:.*attn.?$", "re:.*ff$"]
 
 
@@ -61,7 +62,9 @@ def test_without_import_peft_names_the_missing_type(unet, tmp_path):
     get_peft_model(unet, HcpLoraConfig(target_modules=TARGETS)).save_pretrained(tmp_path)
     result = run_python(f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})", check=False)
     assert result.returncode != 0 and "HCP_LORA" in result.stderr
-    result = run_python(f"import peft_hcp; from peft import PeftConfig; print(PeftConfig.from_pretrained({str(tmp_path)!r}).peft_type)")
+    result = run_python(
+        f"import peft_hcp; from peft import PeftConfig; print(PeftConfig.from_pretrained({str(tmp_path)!r}).peft_type)"
+    )
     assert "HCP_LORA" in result.stdout
 
 
@@ -134,7 +137,10 @@ def _other_shape_unet() -> UNet2DConditionModel:
 
 def test_loading_onto_another_shape_names_layer_and_shapes(unet, tmp_path):
     get_peft_model(unet, HcpLoraConfig(target_modules=TARGETS, init_weights=False)).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match=r"another shape.*attn1\.to_q\.hcp_lora_blocks\.lora_down\.weight: checkpoint \(4, 32\) vs model \(4, 16\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"another shape.*attn1\.to_q\.hcp_lora_blocks\.lora_down\.weight: checkpoint \(4, 32\) vs model \(4, 16\)",
+    ):
         PeftModel.from_pretrained(_other_shape_unet(), tmp_path)
 
 

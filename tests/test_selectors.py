@@ -13,8 +13,14 @@ from peft_hcp import (
 )
 from peft_hcp.selectors import selectable_modules
 
+
 ATTN1 = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
-ATTENTIONS = ["down_blocks.0.attentions.0", "up_blocks.1.attentions.0", "up_blocks.1.attentions.1", "mid_block.attentions.0"]
+ATTENTIONS = [
+    "down_blocks.0.attentions.0",
+    "up_blocks.1.attentions.0",
+    "up_blocks.1.attentions.1",
+    "mid_block.attentions.0",
+]
 PROJ_IN = [f"{a}.proj_in" for a in ATTENTIONS]
 PROJ_OUT = [f"{a}.proj_out" for a in ATTENTIONS]
 ATTN1S = [f"{a}.transformer_blocks.0.attn1" for a in ATTENTIONS]

@@ -75,7 +75,9 @@ def test_exclude_key_skips_whole_subtrees(unet):
     assert not any(n.startswith("up_blocks") for n in hosts(model, PatchPluginContainer))
     assert len(hosts(model, PatchPluginContainer)) == 6
     # an anchored key matches only the block's own name: its children go with it all the same
-    model = get_peft_model(unet.__class__.from_config(unet.config), HcpPReLUConfig(target_modules=[""], exclude_key=r"^mid_block$"))
+    model = get_peft_model(
+        unet.__class__.from_config(unet.config), HcpPReLUConfig(target_modules=[""], exclude_key=r"^mid_block$")
+    )
     found = hosts(model, PatchPluginContainer)
     assert len(found) == 8 and not any(n.startswith("mid_block") for n in found)
 
@@ -83,7 +85,9 @@ def test_exclude_key_skips_whole_subtrees(unet):
 def test_exclude_classes_by_name_qualified_name_or_class(unet):
     expected = ["conv_act", "time_embedding.act"]  # every other SiLU lives in a ResnetBlock2D
     for spec in (["ResnetBlock2D"], ["diffusers.models.resnet.ResnetBlock2D"]):
-        model = get_peft_model(unet.__class__.from_config(unet.config), HcpPReLUConfig(target_modules=[""], exclude_classes=spec))
+        model = get_peft_model(
+            unet.__class__.from_config(unet.config), HcpPReLUConfig(target_modules=[""], exclude_classes=spec)
+        )
         assert hosts(model, PatchPluginContainer) == expected
     from diffusers.models.resnet import ResnetBlock2D
 
@@ -94,15 +98,19 @@ def test_exclude_classes_by_name_qualified_name_or_class(unet):
 
 def test_single_kind_honours_exclude_classes_and_key(unet):
     attn_layers = {
-        f"{n}.{c}" for n, m in unet.named_modules() if isinstance(m, Attention)
-        for c, sub in m.named_modules() if isinstance(sub, (nn.Linear, nn.Conv2d))
+        f"{n}.{c}"
+        for n, m in unet.named_modules()
+        if isinstance(m, Attention)
+        for c, sub in m.named_modules()
+        if isinstance(sub, (nn.Linear, nn.Conv2d))
     }
     all_layers = set(names_of(unet, (nn.Linear, nn.Conv2d)))
     model = get_peft_model(unet, HcpLoraConfig(target_modules=[""], exclude_classes=["Attention"]))
     assert set(hosts(model, SinglePluginLayer)) == all_layers - attn_layers
     assert attn_layers  # the exclusion removed something
     model = get_peft_model(
-        unet.__class__.from_config(unet.config), HcpLoraConfig(target_modules=["down_blocks"], exclude_key=r"\.resnets\.")
+        unet.__class__.from_config(unet.config),
+        HcpLoraConfig(target_modules=["down_blocks"], exclude_key=r"\.resnets\."),
     )
     found = hosts(model, SinglePluginLayer)
     assert found and all(n.startswith("down_blocks") and ".resnets." not in n for n in found)
@@ -137,7 +145,9 @@ def test_bad_exclusions_are_refused():
 def test_exclusions_survive_save_and_load(unet, unet_batch, tmp_path):
     from peft_hcp.embedded import tiny_unet
 
-    config = HcpPReLUConfig(target_modules=[""], exclude_key="up_blocks", exclude_classes=["TimestepEmbedding"], init_weights=False)
+    config = HcpPReLUConfig(
+        target_modules=[""], exclude_key="up_blocks", exclude_classes=["TimestepEmbedding"], init_weights=False
+    )
     model = get_peft_model(unet, config)
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_unet(), tmp_path)

@@ -86,7 +86,9 @@ class BlockLayer(nn.Module, BaseTunerLayer):
             if not (isinstance(block_cls, type) and issubclass(block_cls, cls.block_base)):
                 raise TypeError(f"{block_cls!r} is not a {cls.block_base.__name__} subclass.")
             if hasattr(block_cls, "wrapable_classes") and not block_cls.wrapable_classes:
-                raise TypeError(f"{block_cls.__name__}.wrapable_classes is empty: say which module types it attaches to.")
+                raise TypeError(
+                    f"{block_cls.__name__}.wrapable_classes is empty: say which module types it attaches to."
+                )
             cls.block_cls = block_cls
 
     def __init__(self) -> None:

@@ -17,6 +17,7 @@ from peft_hcp.errors import CheckpointError
 from peft_hcp.registry import peft_type_for
 from peft_hcp.selectors import parse_selectors
 
+
 #: The installed peft-hcp version, recorded in every saved config and exported file.
 PEFT_HCP_VERSION = version("peft-hcp")
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
+
 if TYPE_CHECKING:
     from peft_hcp.base.blocks import WeightedBlock
 
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 class ActivationCache(dict):
     """Values held for one call (fed inputs, captured activations). A deep copy of a model starts empty."""
 
-    def __deepcopy__(self, memo: dict) -> "ActivationCache":
+    def __deepcopy__(self, memo: dict) -> ActivationCache:
         return type(self)()
 
     def __reduce__(self):  # pickling (e.g. for multiprocessing) drops activations too
@@ -87,7 +88,7 @@ def _modules_of(target: Any) -> list[nn.Module]:
     )
 
 
-def fed_plugins(target: Any) -> list["WeightedBlock"]:
+def fed_plugins(target: Any) -> list[WeightedBlock]:
     """The plugin blocks inside ``target`` (module or pipeline) that take fed inputs, each once."""
     from peft_hcp.base.blocks import (
         WeightedBlock,  # blocks.py reads this module's state: import when called
@@ -106,7 +107,9 @@ def feed(target: Any, **inputs: Any) -> Iterator[None]:
     """Give ``inputs`` to the plugins inside ``target`` while the ``with`` block runs."""
     plugins = fed_plugins(target)
     if not plugins:
-        raise ValueError(f"feed(): no plugin inside {type(target).__name__} takes inputs; nothing to feed {sorted(inputs)} to.")
+        raise ValueError(
+            f"feed(): no plugin inside {type(target).__name__} takes inputs; nothing to feed {sorted(inputs)} to."
+        )
     accepted = sorted({key for plugin in plugins for key in plugin.input_keys})
     unknown = sorted(set(inputs) - set(accepted))
     if unknown:

@@ -21,7 +21,7 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
     """All tensors of the safetensors file ``path``; a truncated or malformed file is a ``CheckpointError``."""
     try:
         with safe_open(path, framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
+            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
     except SafetensorError as exc:
         raise CheckpointError(f"{path} is truncated or not a valid safetensors file: {exc}") from exc
 

@@ -12,6 +12,7 @@ from torch import nn
 from peft_hcp.base.blocks import BlockLayer
 from peft_hcp.errors import UnsupportedLayerError
 
+
 #: host attributes PEFT and diffusers read off tuner layers; convolutions also get PEFT's
 #: ``in_features`` / ``out_features`` (their channel counts), as PEFT's own Conv layers have them.
 _HOST_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+
 #: the hook tables of an ``nn.Module``
 HOOK_TABLES = (
     "_forward_hooks",
@@ -29,7 +30,7 @@ class ModelSnapshot:
     hook_ids: list[tuple[nn.Module, dict[str, set[int]]]]
 
     @classmethod
-    def take(cls, model: nn.Module) -> "ModelSnapshot":
+    def take(cls, model: nn.Module) -> ModelSnapshot:
         modules = list(model.modules())
         return cls(
             children=[(m, dict(m._modules)) for m in modules],

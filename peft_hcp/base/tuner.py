@@ -34,6 +34,7 @@ from peft_hcp.base.snapshot import ModelSnapshot
 from peft_hcp.errors import CheckpointError, few
 from peft_hcp.registry import bind_type
 
+
 #: the model as it was before an adapter whose config was read from a checkpoint was attached, until its
 #: weights are loaded (keyed by the config's id)
 _attached_for_load: dict[int, ModelSnapshot] = {}
@@ -69,7 +70,9 @@ class HcpTuner(BaseTuner):
     ) -> None:
         self._add_adapter_to(target, target_name, parent, peft_config, adapter_name)
 
-    def _add_adapter_to(self, target: nn.Module, target_name: str, parent: nn.Module, config, adapter_name: str) -> None:
+    def _add_adapter_to(
+        self, target: nn.Module, target_name: str, parent: nn.Module, config, adapter_name: str
+    ) -> None:
         """Attach ``adapter_name`` at ``target`` (called ``target_name`` in ``parent``): per kind."""
         raise NotImplementedError
 
@@ -103,7 +106,12 @@ class HcpTuner(BaseTuner):
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         attr = re.escape(cls.tuner_layer_cls.blocks_attr)
-        return re.sub(rf"(?:\.base_layer)*\.{attr}\.{re.escape(adapter_name)}\.", f".{cls.tuner_layer_cls.blocks_attr}.", key, count=1)
+        return re.sub(
+            rf"(?:\.base_layer)*\.{attr}\.{re.escape(adapter_name)}\.",
+            f".{cls.tuner_layer_cls.blocks_attr}.",
+            key,
+            count=1,
+        )
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
@@ -194,7 +202,6 @@ class HcpTuner(BaseTuner):
         if not self.active_adapters and self.peft_config:
             # PEFT takes the new active adapter from the first layer it meets, which may hold none
             self.set_adapter(sorted(self.peft_config)[0])
-
 
 
 def _discard_adapter(model: nn.Module, adapter_name: str) -> None:

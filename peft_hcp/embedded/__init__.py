@@ -18,6 +18,7 @@ from peft_hcp.embedded.pipeline import (
     tokenizer_path,
 )
 
+
 __all__ = [
     "default_resolution",
     "embedded_pipeline",

@@ -13,6 +13,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
+
 ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 TINY_CROSS_DIM = 32
@@ -49,7 +50,9 @@ def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
 
 def sd15_unet(seed: int = 0) -> UNet2DConditionModel:
     """A UNet with the Stable Diffusion 1.5 layout and random weights (~860M parameters)."""
-    return _built(UNet2DConditionModel, seed, sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2)
+    return _built(
+        UNet2DConditionModel, seed, sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2
+    )
 
 
 def tiny_clip_text_model(seed: int = 0) -> CLIPTextModel:

@@ -29,6 +29,7 @@ from peft_hcp.base.files import read_safetensors
 from peft_hcp.embedded.models import tiny_clip_text_model, tiny_unet, tiny_vae
 from peft_hcp.errors import CheckpointError
 
+
 #: The pipeline components whose weights the base file holds, each under its name as a key prefix.
 BASE_COMPONENTS = ("vae", "text_encoder", "unet")
 #: Key of the base file's metadata holding the VAE's latent scaling factor.

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+
 #: Seeds of the samples the base is measured on (:func:`measure`).
 FOLLOW_SEEDS = (0, 1, 2)
 
@@ -108,8 +109,9 @@ def train_denoiser(pipe, plan: PretrainPlan, resolution: int) -> None:
     latents, captions = encode_pool(pipe, plan, resolution)
     texts = sorted(set(captions)) + [""]  # the few distinct captions, tokenized once; "" for dropped ones
     tokenizer, scheduler = pipe.tokenizer, pipe.scheduler
-    token_ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids
+    token_ids = tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     caption_index = torch.tensor([texts.index(c) for c in captions])
     generator = torch.Generator().manual_seed(plan.seed + 1)
     params = [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]
@@ -121,7 +123,9 @@ def train_denoiser(pipe, plan: PretrainPlan, resolution: int) -> None:
     bar = tqdm(range(plan.steps), desc="unet + text encoder")
     for _ in bar:
         picked = torch.randint(len(latents), (plan.batch,), generator=generator)
-        texts_used = caption_index[picked].masked_fill(torch.rand(plan.batch, generator=generator) < plan.caption_dropout, len(texts) - 1)
+        texts_used = caption_index[picked].masked_fill(
+            torch.rand(plan.batch, generator=generator) < plan.caption_dropout, len(texts) - 1
+        )
         clean = latents[picked]
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (plan.batch,), generator=generator)
@@ -194,7 +198,9 @@ def measure(pipe, items: int = 64, seeds=FOLLOW_SEEDS) -> BaseFigures:
     images = render(pipe, prompts, seeds, sampling.steps, sampling.guidance_scale, resolution=resolution)
     per_image = [p for p in prompts for _ in seeds]
     concept_prompts = follow_prompts([CONCEPT_COLOUR])
-    concept_images = render(pipe, concept_prompts, seeds, sampling.steps, sampling.guidance_scale, resolution=resolution)
+    concept_images = render(
+        pipe, concept_prompts, seeds, sampling.steps, sampling.guidance_scale, resolution=resolution
+    )
     return BaseFigures(
         vae_error=vae_error(ShapesDataset(items, resolution, seed=12345)),
         vae_error_concept=vae_error(concept_dataset(items, resolution, seed=12345)),

@@ -12,6 +12,7 @@ from peft_hcp.hooked.feed import feed
 from peft_hcp.hooked.layer import HookedPluginLayer, MultiPluginLayer, PluginLayer
 from peft_hcp.hooked.model import HcpHookedModel, register_multi_plugin, register_plugin
 
+
 __all__ = [
     "ActivationCache",
     "HcpHookedModel",

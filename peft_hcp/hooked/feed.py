@@ -3,4 +3,5 @@ and feeds the plugins of every kind."""
 
 from peft_hcp.base.feed import feed
 
+
 __all__ = ["feed"]

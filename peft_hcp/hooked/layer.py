@@ -33,6 +33,7 @@ from peft_hcp.selectors import (
     selectable_modules,
 )
 
+
 HookSpec = tuple[Target, str, int]  # (layer, "from" | "to", index)
 
 
@@ -66,7 +67,9 @@ class HookedPluginLayer(BlockLayer):
         for target, role, idx in specs:
             host = target.module.get_base_layer() if isinstance(target.module, BaseTunerLayer) else target.module
             if target.prehook:
-                handle = host.register_forward_pre_hook(partial(self._pre_hook, adapter_name, role, idx), with_kwargs=True)
+                handle = host.register_forward_pre_hook(
+                    partial(self._pre_hook, adapter_name, role, idx), with_kwargs=True
+                )
             else:
                 handle = host.register_forward_hook(partial(self._post_hook, adapter_name, role, idx), with_kwargs=True)
             handles.append((host, target.prehook, handle.id))
@@ -176,7 +179,9 @@ class PluginLayer(HookedPluginLayer):
                 "from-layer has no output yet."
             )
         blocks = nn.ModuleList(self.block_cls(src, dst, config) for src, dst in zip(sources, sinks))
-        specs = [spec for i, (src, dst) in enumerate(zip(sources, sinks)) for spec in ((src, "from", i), (dst, "to", i))]
+        specs = [
+            spec for i, (src, dst) in enumerate(zip(sources, sinks)) for spec in ((src, "from", i), (dst, "to", i))
+        ]
         return blocks, specs
 
     def dispatch(self, adapter_name: str, role: str, idx: int, args: tuple, kwargs: dict, output: Any) -> Any:

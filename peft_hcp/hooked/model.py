@@ -9,7 +9,8 @@ from/to selectors are resolved by the container (PEFT's ``target_modules`` never
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -61,7 +62,9 @@ class HcpHookedModel(HcpTuner):
     def _check_target_module_exists(self, peft_config: Any, key: str) -> bool:
         return key == self.container_name()
 
-    def _add_adapter_to(self, target: nn.Module, target_name: str, parent: nn.Module, config, adapter_name: str) -> None:
+    def _add_adapter_to(
+        self, target: nn.Module, target_name: str, parent: nn.Module, config, adapter_name: str
+    ) -> None:
         target.update_layer(adapter_name, config, parent)  # the target is the container; its parent the root
 
     def _merge_layers(self, safe_merge: bool, adapter_names: Optional[list[str]]) -> None:

@@ -16,6 +16,7 @@ from peft_hcp.adapter_set import (
 from peft_hcp.hub.card import render_card
 from peft_hcp.hub.push import push_adapter, push_folder
 
+
 __all__ = [
     "PLUGIN_COMPONENTS",
     "SetEntry",

@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from peft_hcp.adapter_set import SetEntry
 
+
 TEMPLATE = "adapter_card.md"
 _SELECTOR_FIELDS = ("target_modules", "from_layer", "to_layer", "from_layers", "to_layers", "layers")
 
@@ -62,7 +63,8 @@ def _describe(folder: str, entry: SetEntry) -> dict[str, str]:
     with open(os.path.join(folder, entry.subfolder, "adapter_config.json"), encoding="utf-8") as handle:
         config = json.load(handle)
     selectors = "; ".join(
-        f"{field}: " + ", ".join(f"`{s}`" for s in (config[field] if isinstance(config[field], list) else [config[field]]))
+        f"{field}: "
+        + ", ".join(f"`{s}`" for s in (config[field] if isinstance(config[field], list) else [config[field]]))
         for field in _SELECTOR_FIELDS
         if config.get(field)
     )

@@ -41,7 +41,8 @@ def add_parser(subparsers) -> None:
     imp = subparsers.add_parser("import", help="read a kohya/webui/LyCORIS or HCP-Diffusion file into an adapter set")
     imp.add_argument("file", help="kohya/webui/LyCORIS .safetensors file, or an HCP-Diffusion plugin checkpoint")
     imp.add_argument(
-        "--alpha-is-scale", action="store_true",
+        "--alpha-is-scale",
+        action="store_true",
         help="the file's alpha is the layer's scale, not alpha/rank (HCP-Diffusion's webui export)",
     )
     imp.add_argument("--out", required=True, help="folder for the adapter set")
@@ -66,8 +67,15 @@ def _push(args: argparse.Namespace) -> int:
     def run():
         training = json.loads(args.training) if args.training else None
         commit = push_folder(
-            args.adapter, args.repo_id, token=args.token, private=args.private or None, revision=args.revision,
-            base_model=args.base_model, license=args.license, training=training, sample_image=args.sample_image,
+            args.adapter,
+            args.repo_id,
+            token=args.token,
+            private=args.private or None,
+            revision=args.revision,
+            base_model=args.base_model,
+            license=args.license,
+            training=training,
+            sample_image=args.sample_image,
         )
         return commit.commit_url
 

@@ -12,6 +12,7 @@ from huggingface_hub import CommitInfo, HfApi
 from peft_hcp.adapter_set import MANIFEST_NAME, read_set, save_adapter
 from peft_hcp.hub.card import render_card
 
+
 SAMPLE_IMAGE = "samples.png"
 CARD_NAME = "README.md"
 
@@ -46,9 +47,9 @@ def push_folder(
     entries = read_set(folder)
     if sample_image is not None:
         shutil.copyfile(sample_image, os.path.join(folder, SAMPLE_IMAGE))
-    render_card(
-        folder, entries, repo_id, sample_image=SAMPLE_IMAGE if sample_image else None, **card
-    ).save(os.path.join(folder, CARD_NAME))
+    render_card(folder, entries, repo_id, sample_image=SAMPLE_IMAGE if sample_image else None, **card).save(
+        os.path.join(folder, CARD_NAME)
+    )
     files = [MANIFEST_NAME, CARD_NAME] + ([SAMPLE_IMAGE] if sample_image else [])
     for entry in entries:
         files += [f"{entry.subfolder}/adapter_config.json", f"{entry.subfolder}/adapter_model.safetensors"]

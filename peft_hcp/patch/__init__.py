@@ -9,6 +9,7 @@ from peft_hcp.patch.config import HcpPatchConfig
 from peft_hcp.patch.layer import PatchPluginContainer, ReplacePatchContainer
 from peft_hcp.patch.model import HcpPatchModel, register_patch_plugin
 
+
 __all__ = [
     "HcpPatchConfig",
     "HcpPatchModel",

@@ -8,7 +8,7 @@ patched module may have no parameters (an activation), which PEFT's ``_replace_m
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

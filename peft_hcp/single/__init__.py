@@ -9,4 +9,12 @@ from peft_hcp.single.config import HcpSingleConfig
 from peft_hcp.single.layer import SinglePluginLayer
 from peft_hcp.single.model import HcpSingleModel, find_hosts, register_single_plugin
 
-__all__ = ["HcpSingleConfig", "HcpSingleModel", "SinglePluginBlock", "SinglePluginLayer", "find_hosts", "register_single_plugin"]
+
+__all__ = [
+    "HcpSingleConfig",
+    "HcpSingleModel",
+    "SinglePluginBlock",
+    "SinglePluginLayer",
+    "find_hosts",
+    "register_single_plugin",
+]

@@ -20,8 +20,7 @@ class HcpSingleConfig(HcpConfig):
     """
 
     prehook_refusal: ClassVar[str] = (
-        "a single-layer plugin acts on its host's output or parameters; 'prehook:' applies to cross-layer "
-        "plugins only."
+        "a single-layer plugin acts on its host's output or parameters; 'prehook:' applies to cross-layer plugins only."
     )
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -35,7 +34,8 @@ class HcpSingleConfig(HcpConfig):
         default=None, metadata={"help": "Regex searched in layer names; a match skips the layer and its children."}
     )
     exclude_classes: Optional[list[str]] = field(
-        default=None, metadata={"help": "Class names (or qualified names) whose modules, children included, are skipped."}
+        default=None,
+        metadata={"help": "Class names (or qualified names) whose modules, children included, are skipped."},
     )
 
     def __post_init__(self) -> None:

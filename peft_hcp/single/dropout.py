@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 #: (stride, padding, dilation) of a convolutional ``down``; ``None`` for a linear one.
 ConvGeometry = Optional[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]
 

@@ -9,7 +9,8 @@ regular expressions; the rewrite lands on a working copy of the config, never on
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -110,7 +111,9 @@ class HcpSingleModel(HcpTuner):
     def _check_target_module_exists(self, peft_config: HcpSingleConfig, key: str) -> bool:
         return key in self._hosts
 
-    def _add_adapter_to(self, target: nn.Module, target_name: str, parent: nn.Module, config, adapter_name: str) -> None:
+    def _add_adapter_to(
+        self, target: nn.Module, target_name: str, parent: nn.Module, config, adapter_name: str
+    ) -> None:
         if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, config)
             return

@@ -11,6 +11,7 @@ from peft_hcp.train.plugins import (
 from peft_hcp.train.settings import SettingsError, load_settings
 from peft_hcp.train.trainer import Trainer, TrainResult, train
 
+
 __all__ = [
     "PluginConfigError",
     "PluginEntry",

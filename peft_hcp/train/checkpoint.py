@@ -25,6 +25,7 @@ from peft_hcp.adapter_set import load_adapter_weights, read_set, save_adapter
 from peft_hcp.base.files import read_safetensors
 from peft_hcp.errors import CheckpointError
 
+
 STATE_NAME = "train_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -91,9 +92,9 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
 def _recover_swapped(root: str) -> None:
     """Finish or undo a swap interrupted between its renames (see :func:`save_checkpoint`)."""
     for name in os.listdir(root):
-        if not (name.startswith(".old-") and _STEP_DIR.fullmatch(name[len(".old-"):])):
+        if not (name.startswith(".old-") and _STEP_DIR.fullmatch(name[len(".old-") :])):
             continue
-        aside, final = os.path.join(root, name), os.path.join(root, name[len(".old-"):])
+        aside, final = os.path.join(root, name), os.path.join(root, name[len(".old-") :])
         if os.path.isfile(os.path.join(final, STATE_NAME)):
             shutil.rmtree(aside)  # the new folder is in: the old one only had not been deleted yet
         else:

@@ -28,6 +28,7 @@ from PIL import Image
 
 from peft_hcp.train.data import COLOURS, SHAPES
 
+
 #: The least part of the image a shape must cover to count as one.
 MIN_SHAPE_AREA = 0.02
 #: Bounding-box fill ratios between the kinds: square ~1, circle ~0.79, triangle ~0.5.

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+
 #: The palette of the generated shapes, which the detector of :mod:`peft_hcp.train.concept` reads back.
 COLOURS = {
     "red": (220, 40, 40),
@@ -88,7 +89,9 @@ class ShapesDataset:
     """``size`` generated images: one shape in one of ``colours``, large or small, anywhere on the plain
     :data:`BACKGROUND`, captioned in words (``"a large red circle"``)."""
 
-    def __init__(self, size: int = 64, resolution: int = 32, seed: int = 0, colours: Sequence[str] = BASE_COLOURS) -> None:
+    def __init__(
+        self, size: int = 64, resolution: int = 32, seed: int = 0, colours: Sequence[str] = BASE_COLOURS
+    ) -> None:
         if size < 1:
             raise ValueError(f"The shapes dataset needs at least one item, got size={size}.")
         unknown = [name for name in colours if name not in COLOURS]
@@ -170,7 +173,6 @@ class FolderDataset:
 
 class ImageFileError(ValueError):
     """A training image that cannot be decoded; the message names the file."""
-
 
 
 def concept_dataset(size: int, resolution: int, seed: int) -> ShapesDataset:

@@ -43,6 +43,7 @@ from torch import nn
 from peft_hcp.adapter_set import attach
 from peft_hcp.base.config import HcpConfig
 
+
 #: Config sections and the pipeline component each one adapts.
 SECTIONS = {"plugin_unet": "unet", "plugin_TE": "text_encoder"}
 #: HCP-Diffusion class names whose peft-hcp classes are named differently.
@@ -178,7 +179,7 @@ def _from_root(selectors: Any, root: str) -> Any:
     if body == root:
         return flags
     if body.startswith(root + "."):
-        return f"{flags}re:{re.escape(body[len(root) + 1:])}"
+        return f"{flags}re:{re.escape(body[len(root) + 1 :])}"
     return selectors
 
 
@@ -227,7 +228,7 @@ def _split_rank(kwargs: dict, label: str) -> None:
     pair ``rank // rank_groups`` (as HCP does) and keep HCP's scale."""
     groups = kwargs.get("rank_groups", 2)
     rank = kwargs["r"]
-    if isinstance(rank, float) or isinstance(rank, bool) or not isinstance(rank, int) or not isinstance(groups, int):
+    if isinstance(rank, (float, bool)) or not isinstance(rank, int) or not isinstance(groups, int):
         raise PluginConfigError(f"{label}: with rank_groups, give HCP's rank as an int total (got rank={rank!r}).")
     if rank < groups:
         raise PluginConfigError(f"{label}: rank {rank} is split over {groups} rank_groups; give at least {groups}.")

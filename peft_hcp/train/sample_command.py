@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+
 SETTINGS = {
     "prompt": None,
     "pretrained_model": None,

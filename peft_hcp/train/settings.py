@@ -20,8 +20,13 @@ from omegaconf.errors import OmegaConfBaseException
 from peft_hcp.train.data import CONCEPT_COLOUR
 from peft_hcp.train.plugins import SECTIONS
 
+
 #: The default sample prompts: the held-out concept of the generated shapes, which a run on them teaches.
-CONCEPT_PROMPTS = [f"a large {CONCEPT_COLOUR} circle", f"a small {CONCEPT_COLOUR} square", f"a large {CONCEPT_COLOUR} triangle"]
+CONCEPT_PROMPTS = [
+    f"a large {CONCEPT_COLOUR} circle",
+    f"a small {CONCEPT_COLOUR} square",
+    f"a large {CONCEPT_COLOUR} triangle",
+]
 
 
 @dataclass

@@ -41,6 +41,7 @@ from peft_hcp.train.data import (
 from peft_hcp.train.plugins import SECTIONS, PluginEntry, attach_plugins, parse_section
 from peft_hcp.train.sampling import grid, needs_condition, render_off_on
 
+
 LOG_NAME = "train.log"
 
 
@@ -228,7 +229,9 @@ class Trainer:
                 path, score = self._samples(step)
                 result.samples.append(path)
                 if score is not None:
-                    self.log.info("samples at step %d: %s %.3f (adapters off %.3f)", step, score.name, score.after, score.before)
+                    self.log.info(
+                        "samples at step %d: %s %.3f (adapters off %.3f)", step, score.name, score.after, score.before
+                    )
         bar.close()
         result.end_step = max(start, s.steps)
         if result.end_step > start:
@@ -236,7 +239,10 @@ class Trainer:
         result.eval_loss_end = self.eval_loss()
         self.log.info(
             "done: eval loss %.5f -> %.5f, %.2f it/s, adapters in %s",
-            result.eval_loss_start, result.eval_loss_end, result.it_per_s, result.checkpoint,
+            result.eval_loss_start,
+            result.eval_loss_end,
+            result.it_per_s,
+            result.checkpoint,
         )
         path, result.score = self._samples(result.end_step)
         result.samples.append(path)
@@ -251,9 +257,13 @@ class Trainer:
         world = self.accelerator.num_processes
         self.log.info(
             "run in %s: %s, %s, %d process(es), batch %d x accum %d, %d steps",
-            self.output_dir, self.settings.pretrained_model or "embedded tiny pipeline",
-            self.settings.data or f"generated shapes ({len(self.dataset)})", world,
-            self.settings.batch_size, self.settings.grad_accum, self.settings.steps,
+            self.output_dir,
+            self.settings.pretrained_model or "embedded tiny pipeline",
+            self.settings.data or f"generated shapes ({len(self.dataset)})",
+            world,
+            self.settings.batch_size,
+            self.settings.grad_accum,
+            self.settings.steps,
         )
         for group in self.groups:
             count = sum(p.numel() for p in group["params"])
@@ -309,7 +319,9 @@ class Trainer:
         self.pipe.unet.eval()
         self.pipe.text_encoder.eval()
         device_cond = None if cond is None else cond.to(self.accelerator.device)
-        off, on = render_off_on(self.pipe, prompts, list(s.seeds), s.steps, s.guidance_scale, device_cond, self.resolution)
+        off, on = render_off_on(
+            self.pipe, prompts, list(s.seeds), s.steps, s.guidance_scale, device_cond, self.resolution
+        )
         self.pipe.unet.train()
         self.pipe.text_encoder.train(self.train_te)
         score = self._score(prompts, off, on, sources)

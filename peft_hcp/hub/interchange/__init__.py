@@ -5,4 +5,5 @@ from peft_hcp.hub.interchange.hcp import import_hcp
 from peft_hcp.hub.interchange.kohya import export_kohya, import_kohya
 from peft_hcp.hub.interchange.names import kohya_name, kohya_name_table
 
+
 __all__ = ["export_diffusers", "export_kohya", "import_hcp", "import_kohya", "kohya_name", "kohya_name_table"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn

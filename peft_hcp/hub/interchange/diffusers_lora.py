@@ -23,6 +23,7 @@ from peft_hcp.hub.interchange.stock import (
     loader_class,
 )
 
+
 #: the file name ``load_lora_weights`` looks for in a folder
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -33,7 +34,7 @@ def export_diffusers(target, save_directory: str, adapter_names: Optional[list[s
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, tuple[str, str]] = {}
     for component, module in components.items():
-        for name, adapter, block in lowrank_blocks(module, adapter_names):
+        for name, _adapter, block in lowrank_blocks(module, adapter_names):
             key = f"{component}.{name}"
             if key in origin:
                 raise ValueError(f"Two adapters adapt {name!r}; export them one at a time (adapter_names=[...]).")

@@ -23,6 +23,7 @@ from peft_hcp.hub.interchange.kohya import install_layers
 from peft_hcp.hub.interchange.stock import interchange_components
 from peft_hcp.single.lowrank import lowrank_type_of
 
+
 #: HCP's path prefix of each pipeline component, most specific first
 HCP_PREFIXES = (
     ("TE.clip_L.", "text_encoder"),

@@ -42,6 +42,7 @@ from peft_hcp.hub.interchange.stock import (
 )
 from peft_hcp.single.lowrank import LowRankBlock, lowrank_type_of, lowrank_types
 
+
 #: how kohya/LyCORIS layer names start (``lora_unet_…``, ``lora_te1_…``, ``lycoris_…``)
 _KOHYA_STARTS = ("lora_", "lycoris_")
 
@@ -75,7 +76,11 @@ def export_kohya(target, path: str, adapter_names: Optional[list[str]] = None) -
     if not tensors:
         raise ValueError(f"{type(target).__name__} has no low-rank adapters to export.")
     check_placement(origin, loader_class(target, components), components)
-    kind = "networks.lora" if all(k.endswith(("lora_down.weight", "lora_up.weight", "alpha")) for k in tensors) else "lycoris.kohya"
+    kind = (
+        "networks.lora"
+        if all(k.endswith(("lora_down.weight", "lora_up.weight", "alpha")) for k in tensors)
+        else "lycoris.kohya"
+    )
     save_file(tensors, path, metadata={"ss_network_module": kind, "peft_hcp_version": PEFT_HCP_VERSION})
     return tensors
 
@@ -210,4 +215,3 @@ def _install(
     for name, parts in parts_by_name.items():
         blocks[name].load_kohya(parts, labels[name])
     set_adapter(module, list(dict.fromkeys(previous + [adapter_name])), inference_mode=not is_trainable)
-

@@ -18,6 +18,7 @@ from torch import nn
 
 from peft_hcp.selectors import selectable_modules
 
+
 #: kohya's prefix for each pipeline component (SD1.x: one text encoder is ``lora_te``).
 KOHYA_PREFIXES = {"unet": "lora_unet", "transformer": "lora_transformer", "text_encoder": "lora_te"}
 SDXL_TEXT_PREFIXES = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}

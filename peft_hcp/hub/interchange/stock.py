@@ -35,6 +35,7 @@ from peft_hcp.adapter_set import plugin_components
 from peft_hcp.errors import CheckpointError, few
 from peft_hcp.hub.interchange.blocks import host_layer
 
+
 _LORA_A = ".lora_A.weight"
 #: a CLIP layer named without ``text_model_``, as LyCORIS names it under transformers 5; diffusers' converter
 #: reads only the older names (it maps ``…_self_attn_q_proj`` nowhere without it), so the level is put back
@@ -154,7 +155,9 @@ def lora_through_diffusers(
     converted = loader.lora_state_dict(state)
     alphas = converted[1] if isinstance(converted, tuple) and len(converted) > 1 else None
     if alphas:
-        raise CheckpointError(f"diffusers' {loader.__name__} keeps alphas apart for {few(sorted(alphas))}; not supported.")
+        raise CheckpointError(
+            f"diffusers' {loader.__name__} keeps alphas apart for {few(sorted(alphas))}; not supported."
+        )
     converted = converted[0] if isinstance(converted, tuple) else converted
     layers = list(peft_lora_layers(converted, components))
     lost = sorted(f"{component}.{name}" for component, name, _, _, placed in layers if not placed)

@@ -1,0 +1,133 @@
+"""Publishing through a loopback Hub with the real huggingface_hub client, and model cards."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from peft import PeftModel, get_peft_model
+
+import peft_hcp
+from peft_hcp import HcpLohaConfig, HcpLoraConfig
+from peft_hcp.embedded import tiny_unet, unet_inputs
+from peft_hcp.hub import attach, load_adapter, push_adapter
+from tests.helpers import pipe_out, run_python, tiny_pipeline, unet_out
+
+
+def _adapted():
+    pipe = tiny_pipeline()
+    attach(pipe.unet, HcpLoraConfig(target_modules=["re:.*attn.?$"], r=2, init_weights=False), "lora")
+    attach(pipe.unet, HcpLohaConfig(target_modules=["re:.*ff\\.net\\.2$"], init_weights=False), "loha")
+    attach(pipe.text_encoder, HcpLoraConfig(target_modules=["re:.*self_attn$"], init_weights=False), "te")
+    return pipe
+
+
+def test_push_then_fresh_process_load(loopback_hub, tmp_path):
+    pipe = _adapted()
+    commit = push_adapter(
+        pipe,
+        "user/tiny-set",
+        base_model="user/tiny-sd",
+        license="apache-2.0",
+        training={"steps": 10, "lr": 1e-4},
+    )
+    files = loopback_hub.repos["user/tiny-set"]
+    assert {
+        "README.md",
+        "adapter_set.json",
+        "unet/lora/adapter_model.safetensors",
+        "unet/loha/adapter_config.json",
+        "text_encoder/adapter_model.safetensors",
+    } <= set(files)
+    assert commit.oid == loopback_hub.heads["user/tiny-set"]
+    torch.save(pipe_out(pipe), tmp_path / "want.pt")
+    run_python(
+        """
+        import peft_hcp
+        from tests.helpers import pipe_out, tiny_pipeline
+        pipe = tiny_pipeline()
+        peft_hcp.load_adapter(pipe, 'user/tiny-set')
+        torch.save(pipe_out(pipe), sys.argv[1] + '/got.pt')
+        """,
+        str(tmp_path),
+        env=dict(os.environ),
+    )
+    torch.testing.assert_close(torch.load(tmp_path / "got.pt"), torch.load(tmp_path / "want.pt"), rtol=0, atol=0)
+    # the subprocess downloaded through the loopback server (not a local path)
+    assert ("GET", f"/user/tiny-set/resolve/{commit.oid}/unet/loha/adapter_model.safetensors") in loopback_hub.requests
+
+
+def test_model_card_renders_and_parses(loopback_hub, tmp_path):
+    pipe = _adapted()
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"\x89PNG\r\n\x1a\n")
+    push_adapter(
+        pipe, "user/carded", base_model="user/tiny-sd", license="mit", training={"steps": 10}, sample_image=str(grid)
+    )
+    text = loopback_hub.repos["user/carded"]["README.md"].decode()
+    card = ModelCard(text)
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["library_name"] == "peft" and meta["base_model"] == "user/tiny-sd" and meta["license"] == "mit"
+    assert meta["tags"][:3] == ["peft-hcp", "hcp_loha", "hcp_lora"] and "diffusers" in meta["tags"]
+    assert ModelCardData(**meta).to_dict() == card.data.to_dict()
+    assert "`re:.*attn.?$`" in text and "| `unet` | `lora` | `hcp_lora` |" in text and "| 2 |" in text
+    assert "![samples](samples.png)" in text and "samples.png" in loopback_hub.repos["user/carded"]
+    assert 'peft_hcp.load_adapter(pipe, "user/carded")' in text and "| steps | `10` |" in text
+
+
+def test_push_to_existing_repo_updates_it(loopback_hub, tmp_path):
+    unet = tiny_unet()
+    attach(unet, HcpLoraConfig(target_modules=["re:.*attn1$"], init_weights=False), "a")
+    push_adapter(unet, "user/evolving")
+    first = dict(loopback_hub.repos["user/evolving"])
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "hcp_lora" in name:
+                param.add_(1.0)
+    push_adapter(unet, "user/evolving", commit_message="second")
+    assert loopback_hub.commits[-1]["message"] == "second"
+    assert loopback_hub.repos["user/evolving"]["adapter_model.safetensors"] != first["adapter_model.safetensors"]
+    fresh = tiny_unet()
+    load_adapter(fresh, "user/evolving")
+    batch = unet_inputs()
+    torch.testing.assert_close(unet_out(fresh, batch), unet_out(unet, batch), rtol=0, atol=0)
+
+
+def test_peft_own_push_to_hub_still_works(loopback_hub, tmp_path):
+    model = get_peft_model(tiny_unet(), HcpLoraConfig(target_modules=["re:.*attn.?$"], init_weights=False))
+    model.push_to_hub("user/plain-peft")
+    assert "adapter_model.safetensors" in loopback_hub.repos["user/plain-peft"]
+    loaded = PeftModel.from_pretrained(tiny_unet(), "user/plain-peft")
+    batch = unet_inputs()
+    torch.testing.assert_close(unet_out(loaded, batch), unet_out(model, batch), rtol=0, atol=0)
+
+
+def test_wrong_token_and_missing_repo(loopback_hub, tmp_path, monkeypatch):
+    with pytest.raises(RepositoryNotFoundError):
+        load_adapter(tiny_unet(), "user/does-not-exist")
+    unet = tiny_unet()
+    attach(unet, HcpLoraConfig(target_modules=["re:.*attn1$"]), "a")
+    with pytest.raises(HfHubHTTPError, match="401|Invalid credentials"):
+        push_adapter(unet, "user/denied", token="hf_wrong")
+    assert "user/denied" not in loopback_hub.repos
+
+
+def test_revision_is_passed_through(loopback_hub, tmp_path):
+    unet = tiny_unet()
+    attach(unet, HcpLoraConfig(target_modules=["re:.*attn1$"], init_weights=False), "a")
+    first = push_adapter(unet, "user/revs").oid
+    batch = unet_inputs()
+    want = unet_out(unet, batch)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "hcp_lora" in name:
+                param.mul_(2.0)
+    push_adapter(unet, "user/revs")
+    old = tiny_unet()
+    load_adapter(old, "user/revs", revision=first)
+    torch.testing.assert_close(unet_out(old, batch), want, rtol=0, atol=0)
+    assert peft_hcp.push_adapter is push_adapter
