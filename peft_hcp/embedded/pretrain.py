@@ -8,7 +8,8 @@ Trains the tiny pipeline of :func:`peft_hcp.embedded.pipeline.untrained_pipeline
    was, to one over the standard deviation of the latents;
 2. the UNet and the CLIP text encoder learn together to predict the noise added to the latents of
    captioned shapes in the base colours (:data:`peft_hcp.train.data.BASE_COLOURS`): the held-out concept
-   colour is never shown, neither as a word nor as a shape's colour. The latents of a fixed pool of
+   colour is never shown to them, neither as a word nor as a shape's colour (the VAE of stage 1 has seen
+   cyan-like pixels among its random colours, but no word). The latents of a fixed pool of
    images are encoded once (the VAE is frozen by then), which makes a step a UNet step. The loss is
    ``peft-hcp train``'s, weighted by min-SNR (Hang et al. 2023) to learn faster; a tenth of the captions are
    left empty, so classifier-free guidance works; the weights kept are an exponential moving average.
@@ -175,7 +176,7 @@ def measure(pipe, items: int = 64, seeds=FOLLOW_SEEDS) -> BaseFigures:
     """:class:`BaseFigures` of ``pipe`` on ``items`` images per colour set and ``follow_prompts`` x ``seeds``,
     sampled as ``peft-hcp train`` samples (its default steps and guidance)."""
     from peft_hcp.embedded.pipeline import default_resolution
-    from peft_hcp.train.concept import concept_score, shape_score
+    from peft_hcp.train.concept import colour_score, shape_score
     from peft_hcp.train.data import (
         BASE_COLOURS,
         CONCEPT_COLOUR,
@@ -204,9 +205,9 @@ def measure(pipe, items: int = 64, seeds=FOLLOW_SEEDS) -> BaseFigures:
     return BaseFigures(
         vae_error=vae_error(ShapesDataset(items, resolution, seed=12345)),
         vae_error_concept=vae_error(concept_dataset(items, resolution, seed=12345)),
-        colour_score=concept_score(images, per_image),
+        colour_score=colour_score(images, per_image),
         shape_score=shape_score(images, per_image),
-        concept_score=concept_score(concept_images, [p for p in concept_prompts for _ in seeds]),
+        concept_score=colour_score(concept_images, [p for p in concept_prompts for _ in seeds]),
     )
 
 

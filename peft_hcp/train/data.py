@@ -1,24 +1,35 @@
 """Training data: a built-in generated shapes dataset, or a folder of images with ``.txt`` captions.
 
-The generated shapes come in two sets: the *base* colours, which the embedded base pipeline was
-pre-trained on (:mod:`peft_hcp.embedded.pretrain`), and the held-out *concept* colour
-(:data:`CONCEPT_COLOUR`), which the base never saw, neither as a word nor as a shape's colour. A training
-run on the embedded default teaches the concept (:func:`make_dataset`).
+The generated shapes come in two sets: the *base* colours and the held-out *concept* colour
+(:data:`CONCEPT_COLOUR`). What each stage of the embedded base (:mod:`peft_hcp.embedded.pretrain`) saw:
+
+- its VAE trained on uncaptioned shapes in uniformly random colours (:class:`AnyColourShapes`), so it saw
+  pixels of every colour, cyan-like ones included: it is an image codec, told no colour word;
+- its UNet and CLIP text encoder trained together on captioned shapes in the base colours only
+  (:class:`ShapesDataset` with :data:`BASE_COLOURS`): they never saw the word ``cyan`` nor a cyan shape.
+
+A training run on the embedded default teaches the concept (:func:`make_datasets`) from cyan shapes of the
+:data:`CONCEPT_KINDS` only, and is scored on the :data:`HELD_OUT_KINDS` (:mod:`peft_hcp.train.concept`),
+combinations of size and colour that no training caption has: what it learned is the colour, not its
+captions.
 
 Every item is ``{"pixels": (3, H, W) in [-1, 1], "caption": str, "cond": (3, H, W) in [0, 1]}``; ``cond``
-is an edge map of the image, the condition a ControlNet plugin trains with. Items are a pure function
-of their index, so a run (and a resumed run) sees the same data in the same order.
+is the condition a ControlNet plugin trains with: of a generated shape its silhouette (a mask, 1 on the
+shape), of a folder's image its edge map. (A ControlNet on this base learns to follow a silhouette in a
+few hundred steps; the outline an edge map draws of a small shape, it did not follow in 600.) Items are
+a pure function of their index, so a run (and a resumed run) sees the same data in the same order.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torch.utils.data import Dataset, Subset
 
 
 #: The palette of the generated shapes, which the detector of :mod:`peft_hcp.train.concept` reads back.
@@ -35,11 +46,20 @@ COLOURS = {
 }
 #: Every generated shape stands on this plain background, so a caption only names the shape.
 BACKGROUND = "black"
-#: The held-out concept: a colour the embedded base was never shown, neither as a word nor as pixels.
+#: The held-out concept: a colour whose word and shapes the embedded base's UNet and text encoder never saw.
 CONCEPT_COLOUR = "cyan"
 #: The shape colours of the base's pre-training data: the palette less the background and the concept.
 BASE_COLOURS = tuple(name for name in COLOURS if name not in (BACKGROUND, CONCEPT_COLOUR))
 SHAPES = ("circle", "square", "triangle")
+SIZES = ("large", "small")
+#: Every (size, shape) a caption names.
+KINDS = tuple((size, shape) for size in SIZES for shape in SHAPES)
+#: The size no training item of the concept has: the concept is trained on the other and scored on this one.
+HELD_OUT_SIZE = "large"
+CONCEPT_KINDS = tuple(kind for kind in KINDS if kind[0] != HELD_OUT_SIZE)
+HELD_OUT_KINDS = tuple(kind for kind in KINDS if kind[0] == HELD_OUT_SIZE)
+#: The kinds a ControlNet run trains and samples on: small shapes, which overlap little by chance.
+CONTROL_KINDS = tuple(kind for kind in KINDS if kind[0] == "small")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -51,6 +71,12 @@ def edge_map(pixels: torch.Tensor) -> torch.Tensor:
     grad = torch.nn.functional.conv2d(torch.nn.functional.pad(grey, (1, 1, 1, 1), mode="replicate"), sobel)
     edges = grad.pow(2).sum(1).sqrt()[0]
     return (edges / edges.max().clamp(min=1e-6)).expand(3, -1, -1).contiguous()
+
+
+def silhouette(image: Image.Image, background: tuple) -> torch.Tensor:
+    """A 3-channel mask, 1 where ``image`` is not its plain ``background`` colour (RGB) and 0 elsewhere."""
+    mask = torch.from_numpy((np.asarray(image.convert("RGB")) != np.array(background)).any(-1).astype(np.float32))
+    return mask.expand(3, -1, -1).contiguous()
 
 
 def to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
@@ -85,19 +111,27 @@ def draw_shape(resolution: int, shape: str, large: bool, colour: tuple, backgrou
     return image
 
 
-class ShapesDataset:
+class ShapesDataset(Dataset):
     """``size`` generated images: one shape in one of ``colours``, large or small, anywhere on the plain
     :data:`BACKGROUND`, captioned in words (``"a large red circle"``)."""
 
     def __init__(
-        self, size: int = 64, resolution: int = 32, seed: int = 0, colours: Sequence[str] = BASE_COLOURS
+        self,
+        size: int = 64,
+        resolution: int = 32,
+        seed: int = 0,
+        colours: Sequence[str] = BASE_COLOURS,
+        kinds: Sequence[tuple[str, str]] = KINDS,
     ) -> None:
         if size < 1:
             raise ValueError(f"The shapes dataset needs at least one item, got size={size}.")
         unknown = [name for name in colours if name not in COLOURS]
         if unknown or not colours:
             raise ValueError(f"Shape colours {list(colours)} must be palette colours: {', '.join(COLOURS)}.")
+        if not kinds or any(tuple(kind) not in KINDS for kind in kinds):
+            raise ValueError(f"Shape kinds {list(kinds)} must be (size, shape) pairs of {SIZES} and {SHAPES}.")
         self.size, self.resolution, self.seed, self.colours = size, resolution, seed, tuple(colours)
+        self.kinds = tuple(tuple(kind) for kind in kinds)
 
     def __len__(self) -> int:
         return self.size
@@ -105,15 +139,21 @@ class ShapesDataset:
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, index])
         colour = self.colours[rng.integers(len(self.colours))]
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        large = bool(rng.integers(2))
-        image = draw_shape(self.resolution, shape, large, COLOURS[colour], COLOURS[BACKGROUND], rng)
-        pixels = to_tensor(image, self.resolution)
-        caption = f"a {'large' if large else 'small'} {colour} {shape}"
-        return {"pixels": pixels, "caption": caption, "cond": edge_map(pixels)}
+        while True:  # drawn as when every kind is allowed, so the base's pre-training data stay what they were
+            shape = SHAPES[rng.integers(len(SHAPES))]
+            size = SIZES[1 - rng.integers(2)]
+            if (size, shape) in self.kinds:
+                break
+        image = draw_shape(self.resolution, shape, size == "large", COLOURS[colour], COLOURS[BACKGROUND], rng)
+        caption = f"a {size} {colour} {shape}"
+        return {
+            "pixels": to_tensor(image, self.resolution),
+            "caption": caption,
+            "cond": silhouette(image, COLOURS[BACKGROUND]),
+        }
 
 
-class AnyColourShapes:
+class AnyColourShapes(Dataset):
     """``size`` uncaptioned shapes in uniformly random colours, on the plain :data:`BACKGROUND` or (half of
     them) a random colour: images for the VAE, which must reproduce any colour (the held-out concept's too)
     and is never told a colour word."""
@@ -134,7 +174,7 @@ class AnyColourShapes:
         return {"pixels": to_tensor(image, self.resolution)}
 
 
-class FolderDataset:
+class FolderDataset(Dataset):
     """Images in ``root`` (recursively), each with a caption in a ``.txt`` file of the same stem."""
 
     def __init__(self, root: str, resolution: int) -> None:
@@ -175,17 +215,45 @@ class ImageFileError(ValueError):
     """A training image that cannot be decoded; the message names the file."""
 
 
-def concept_dataset(size: int, resolution: int, seed: int) -> ShapesDataset:
-    """Shapes in the held-out concept colour: what the main job teaches."""
-    return ShapesDataset(size, resolution, seed, colours=(CONCEPT_COLOUR,))
+def concept_dataset(
+    size: int, resolution: int, seed: int, kinds: Sequence[tuple[str, str]] = CONCEPT_KINDS
+) -> ShapesDataset:
+    """Shapes of ``kinds`` in the held-out concept colour: what the main job teaches."""
+    return ShapesDataset(size, resolution, seed, colours=(CONCEPT_COLOUR,), kinds=kinds)
 
 
-def make_dataset(data: Optional[str], resolution: int, size: int, seed: int, conditioned: bool = False):
-    """``data`` (a folder) or, when ``None``, generated shapes: those of the held-out concept, or for a run
-    that learns to follow a condition image (``conditioned``, a ControlNet), those of the base colours."""
+def control_dataset(size: int, resolution: int, seed: int) -> ShapesDataset:
+    """Small shapes in the base colours: what a run that learns to follow a condition image trains on."""
+    return ShapesDataset(size, resolution, seed, kinds=CONTROL_KINDS)
+
+
+#: Of a folder of images, the part held out for the eval loss (at most ``eval_size`` items).
+FOLDER_HELD_OUT = 0.1
+
+
+def make_datasets(
+    data: Optional[str], resolution: int, size: int, seed: int, eval_size: int, conditioned: bool = False
+) -> tuple[Union[ShapesDataset, Subset], Subset]:
+    """The items a run trains on and the ``eval_size`` (or fewer) held-out items of its eval loss, which it
+    never trains on.
+
+    ``data`` is a folder, or ``None`` for generated shapes: of the held-out concept (:func:`concept_dataset`;
+    the held-out items are of the :data:`HELD_OUT_KINDS`), or for a run that learns to follow a condition
+    image (``conditioned``, a ControlNet) :func:`control_dataset` (the held-out items come from the next
+    seed). Of a folder, the last :data:`FOLDER_HELD_OUT` of the images (at most ``eval_size``) is held out:
+    none of a folder of fewer than ten.
+    """
     if data is not None:
-        return FolderDataset(data, resolution)
-    return ShapesDataset(size, resolution, seed) if conditioned else concept_dataset(size, resolution, seed)
+        folder = FolderDataset(data, resolution)
+        held = min(eval_size, int(len(folder) * FOLDER_HELD_OUT))
+        kept = len(folder) - held
+        return Subset(folder, range(kept)), Subset(folder, range(kept, len(folder)))
+    if conditioned:
+        train, held_out = control_dataset(size, resolution, seed), control_dataset(eval_size or 1, resolution, seed + 1)
+    else:
+        train = concept_dataset(size, resolution, seed)
+        held_out = concept_dataset(eval_size or 1, resolution, seed + 1, kinds=HELD_OUT_KINDS)
+    return train, Subset(held_out, range(eval_size))
 
 
 def batch_indices(length: int, batch_size: int, step: int, micro: int, seed: int, rank: int) -> list[int]:

@@ -17,15 +17,17 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from peft_hcp.train.data import CONCEPT_COLOUR
+from peft_hcp.train.concept import PALETTE_NAMES, named_in
+from peft_hcp.train.data import CONCEPT_COLOUR, HELD_OUT_KINDS
 from peft_hcp.train.plugins import SECTIONS
 
 
-#: The default sample prompts: the held-out concept of the generated shapes, which a run on them teaches.
-CONCEPT_PROMPTS = [
-    f"a large {CONCEPT_COLOUR} circle",
-    f"a small {CONCEPT_COLOUR} square",
-    f"a large {CONCEPT_COLOUR} triangle",
+#: The default sample prompts: the held-out concept of the generated shapes, which a run on them teaches,
+#: in the kinds no training caption pairs it with.
+CONCEPT_PROMPTS = [f"a {size} {CONCEPT_COLOUR} {shape}" for size, shape in HELD_OUT_KINDS]
+#: The same kinds in the three palette colours nearest the concept's, where it would leak first.
+LEAK_PROMPTS = [
+    f"a {size} {colour} {shape}" for colour, (size, shape) in zip(("blue", "green", "white"), HELD_OUT_KINDS)
 ]
 
 
@@ -35,8 +37,10 @@ class SampleSettings:
     shapes: :mod:`peft_hcp.train.concept`)."""
 
     prompts: list[str] = field(default_factory=lambda: list(CONCEPT_PROMPTS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
-    steps: int = 20  # DDIM steps
+    leak_prompts: list[str] = field(default_factory=lambda: list(LEAK_PROMPTS))  # name other colours than the concept's
+    seeds: list[int] = field(default_factory=lambda: list(range(12)))
+    conditions: int = 6  # a conditioned run on the generated shapes: held-out items whose conditions it samples
+    steps: int = 10  # DDIM steps
     guidance_scale: float = 4.0
 
 
@@ -47,9 +51,11 @@ class RunSettings:
     pretrained_model: Optional[str] = None  # a local diffusers SD folder; None = the embedded tiny pipeline
     data: Optional[str] = None  # a folder of images with .txt captions; None = the generated shapes
     data_size: int = 64  # items of the generated shapes dataset
+    eval_size: int = 8  # held-out items of the eval loss (generated anew, or the last tenth of a data folder)
     resolution: Optional[int] = None  # image size; None = what the UNet was built for
     output_dir: Optional[str] = None  # None = runs/<config file name>
     seed: int = 0
+    threads: int = 0  # torch's CPU threads; 0 = one for the embedded tiny pipeline (more only contend), else torch's
     steps: int = 60  # optimizer steps
     batch_size: int = 4  # per process, per micro-batch
     grad_accum: int = 1
@@ -112,10 +118,21 @@ def _check(settings: DictConfig) -> None:
     for key in ("steps", "batch_size", "grad_accum", "data_size"):
         if settings[key] < 1:
             raise SettingsError(f"{key} must be a positive integer, got {settings[key]!r}.")
-    for key in ("save_every", "sample_every", "log_every"):
+    for key in ("save_every", "sample_every", "log_every", "eval_size", "threads"):
         if settings[key] < 0:
             raise SettingsError(f"{key} must be a non-negative integer, got {settings[key]!r}.")
     if settings.mixed_precision not in ("no", "bf16", "fp16"):
         raise SettingsError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {settings.mixed_precision!r}.")
+    if settings.sample.conditions < 2:
+        raise SettingsError(
+            f"sample.conditions must be at least 2 (the chance level pairs each with another one), "
+            f"got {settings.sample.conditions!r}."
+        )
+    for prompt in settings.sample.leak_prompts if settings.data is None else ():
+        if named_in(prompt, PALETTE_NAMES) in (None, CONCEPT_COLOUR):
+            raise SettingsError(
+                f"sample.leak_prompts: {prompt!r} names no palette colour but {CONCEPT_COLOUR!r}; the leak rate "
+                f"counts how many samples of prompts naming other colours are drawn {CONCEPT_COLOUR}."
+            )
     if not any(settings[section] for section in SECTIONS):
         raise SettingsError(f"Nothing to train: the config has no plugins under {' or '.join(SECTIONS)}.")

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if result.score is not None:
         print(result.score)
+        print("; ".join(map(str, result.details)))
     print(
         f"eval loss {result.eval_loss_start:.4f} -> {result.eval_loss_end:.4f}, "
         f"{result.it_per_s:.2f} it/s, {result.seconds:.0f} s; log: {os.path.join(result.output_dir, LOG_NAME)}"

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -30,12 +31,20 @@ from peft_hcp.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from peft_hcp.train.concept import BeforeAfter, concept_score, control_iou
+from peft_hcp.train.concept import (
+    BeforeAfter,
+    colour_score,
+    concept_score,
+    control_iou,
+    leak_rate,
+    shape_score,
+)
 from peft_hcp.train.data import (
-    ShapesDataset,
+    CONCEPT_COLOUR,
     batch_indices,
     collate,
-    make_dataset,
+    control_dataset,
+    make_datasets,
     to_image,
 )
 from peft_hcp.train.plugins import SECTIONS, PluginEntry, attach_plugins, parse_section
@@ -60,6 +69,7 @@ class TrainResult:
     it_per_s: float = math.nan
     samples: list[str] = field(default_factory=list)
     score: Optional[BeforeAfter] = None  # of the last samples; None unless the data are the generated shapes
+    details: list[BeforeAfter] = field(default_factory=list)  # what the score is made of (see Trainer._scores)
     seconds: float = math.nan
 
 
@@ -117,6 +127,9 @@ class Trainer:
     def __init__(self, settings: DictConfig, entries: Optional[list[PluginEntry]] = None) -> None:
         """``entries`` replaces the config's plugin sections (e.g. entries built from PEFT's own configs)."""
         self.settings = settings
+        threads = settings.threads or (1 if settings.pretrained_model is None else 0)
+        if threads:  # the embedded pipeline's tensors are tiny: more threads only wait on each other
+            torch.set_num_threads(threads)
         if entries is None:
             entries = [e for section in SECTIONS for e in parse_section(section, settings[section])]
         self.accelerator = Accelerator(
@@ -137,7 +150,9 @@ class Trainer:
         self.entries = entries
         self.train_te = any(e.component == "text_encoder" for e in entries)
         self.conditioned = needs_condition(self.pipe)
-        self.dataset = make_dataset(settings.data, self.resolution, settings.data_size, settings.seed, self.conditioned)
+        self.dataset, self.held_out = make_datasets(
+            settings.data, self.resolution, settings.data_size, settings.seed, settings.eval_size, self.conditioned
+        )
         self.pipe.to(self.accelerator.device)
         self.pipe.vae.requires_grad_(False)
         optimizer = torch.optim.AdamW(self.groups, weight_decay=settings.weight_decay)
@@ -160,7 +175,9 @@ class Trainer:
             latents = latents * self.pipe.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=generator).to(device)
         scheduler = self.pipe.scheduler
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        timesteps = batch.get("timesteps")
+        if timesteps is None:
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
         timesteps = timesteps.to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         grad = torch.enable_grad() if self.train_te else torch.no_grad()
@@ -178,12 +195,17 @@ class Trainer:
 
     @torch.no_grad()
     def eval_loss(self) -> float:
-        """The loss on a fixed batch (fixed images, noise and timesteps): comparable across steps and runs."""
-        s = self.settings
-        batch = collate([self.dataset[i % len(self.dataset)] for i in range(s.batch_size)])
+        """The loss on the held-out items, which the run never trains on, with fixed noise and timesteps spread
+        evenly over the schedule: comparable across steps and runs. NaN when no item is held out."""
+        if len(self.held_out) == 0:
+            return math.nan
+        batch = collate([self.held_out[i] for i in range(len(self.held_out))])
         batch["input_ids"] = self.batches.tokens(batch["caption"])
-        batch["generator"] = torch.Generator().manual_seed(s.seed + 12345)
-        return self.loss(batch).item()
+        batch["generator"] = torch.Generator().manual_seed(self.settings.seed + 12345)
+        train_steps = self.pipe.scheduler.config.num_train_timesteps
+        batch["timesteps"] = (torch.arange(len(self.held_out)) * 2 + 1) * train_steps // (2 * len(self.held_out))
+        with self._eval_mode():
+            return self.loss(batch).item()
 
     # -- the run ----------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -200,8 +222,11 @@ class Trainer:
             OmegaConf.save(s, os.path.join(self.output_dir, "config.yaml"))
             self._describe(resume_from, start)
         result.eval_loss_start = self.eval_loss()
-        self.log.info("eval loss at step %d: %.5f", start, result.eval_loss_start)
-        bar = tqdm(total=s.steps, initial=start, desc="train", disable=not self.main, dynamic_ncols=True)
+        self.log.info(
+            "eval loss at step %d (%d held-out items): %.5f", start, len(self.held_out), result.eval_loss_start
+        )
+        # no bar but on a terminal (None): a bar in a log file or a captured stream is noise; train.log has the steps
+        bar = tqdm(total=s.steps, initial=start, desc="train", disable=None if self.main else True, dynamic_ncols=True)
         ema, began = None, time.perf_counter()
         for step in range(start + 1, s.steps + 1):
             step_loss = 0.0
@@ -226,12 +251,10 @@ class Trainer:
             if (s.save_every and step % s.save_every == 0) or step == s.steps:
                 result.checkpoint = self._save(step)
             if s.sample_every and step % s.sample_every == 0 and step != s.steps:
-                path, score = self._samples(step)
+                path, scores = self._samples(step)
                 result.samples.append(path)
-                if score is not None:
-                    self.log.info(
-                        "samples at step %d: %s %.3f (adapters off %.3f)", step, score.name, score.after, score.before
-                    )
+                if scores:
+                    self.log.info("samples at step %d: %s", step, "; ".join(map(str, scores)))
         bar.close()
         result.end_step = max(start, s.steps)
         if result.end_step > start:
@@ -244,10 +267,12 @@ class Trainer:
             result.it_per_s,
             result.checkpoint,
         )
-        path, result.score = self._samples(result.end_step)
+        path, scores = self._samples(result.end_step)
         result.samples.append(path)
-        if result.score is not None:
+        if scores:
+            result.score, result.details = scores[0], scores[1:]
             self.log.info("%s", result.score)
+            self.log.info("%s", "; ".join(map(str, result.details)))
         result.seconds = time.perf_counter() - began_run
         self.log.info("run took %.1f s", result.seconds)
         self.accelerator.wait_for_everyone()
@@ -285,53 +310,81 @@ class Trainer:
     def _sample_inputs(self) -> tuple[list[str], Optional[torch.Tensor], Optional[list]]:
         """The prompts, the condition images of a conditioned run, and the images those were made from.
 
-        A conditioned run on the generated shapes takes items it never trained on (the next seed), one
-        per configured prompt, with their captions as prompts."""
-        prompts = list(self.settings.sample.prompts)
+        On the generated shapes, a run samples its prompts and then the leak prompts; a conditioned run
+        instead takes ``sample.conditions`` held-out items (the next seed), with their captions as prompts.
+        On a folder, a conditioned run takes its first items, one per prompt."""
+        s = self.settings.sample
+        generated = self.settings.data is None
         if not self.conditioned:
-            return prompts, None, None
-        if self.settings.data is None:
-            held_out = ShapesDataset(len(prompts), self.resolution, self.settings.seed + 1)
-            items = [held_out[i] for i in range(len(prompts))]
+            return list(s.prompts) + (list(s.leak_prompts) if generated else []), None, None
+        if generated:
+            held_out = control_dataset(s.conditions, self.resolution, self.settings.seed + 1)
+            items = [held_out[i] for i in range(s.conditions)]
             prompts = [item["caption"] for item in items]
         else:
+            prompts = list(s.prompts)
             items = [self.dataset[i % len(self.dataset)] for i in range(len(prompts))]
         return prompts, torch.stack([item["cond"] for item in items]), [to_image(item["pixels"]) for item in items]
 
-    def _score(self, prompts, off, on, sources) -> Optional[BeforeAfter]:
-        """Concept score or, for a conditioned run, control IoU; only on the generated shapes (what the
-        detector of :mod:`peft_hcp.train.concept` reads)."""
+    def _scores(self, prompts: list[str], off: list, on: list, sources: Optional[list]) -> list[BeforeAfter]:
+        """What the samples show, adapters off and on; only on the generated shapes (what the detector of
+        :mod:`peft_hcp.train.concept` reads).
+
+        A conditioned run: the control IoU, then the IoU of the same samples with the images of the other
+        conditions (a rotation by one), the chance level. Else: the concept score of the prompts, then its
+        parts, colour and shape, and the leak rate of the concept's colour on the leak prompts."""
         if self.settings.data is not None:
-            return None
+            return []
         repeat = len(self.settings.sample.seeds)
         if sources is not None:
             references = [source for source in sources for _ in range(repeat)]
-            return BeforeAfter("control iou", control_iou(off, references), control_iou(on, references))
+            others = references[repeat:] + references[:repeat]
+            return [
+                BeforeAfter("control iou", control_iou(off, references), control_iou(on, references)),
+                BeforeAfter("chance", control_iou(off, others), control_iou(on, others)),
+            ]
         per_image = [prompt for prompt in prompts for _ in range(repeat)]
-        return BeforeAfter("concept score", concept_score(off, per_image), concept_score(on, per_image))
+        scored = len(self.settings.sample.prompts) * repeat
+        scores = [
+            BeforeAfter(name, score(off[:scored], per_image[:scored]), score(on[:scored], per_image[:scored]))
+            for name, score in (("concept score", concept_score), ("colour", colour_score), ("shape", shape_score))
+        ]
+        if scored < len(per_image):
+            leak_prompts = per_image[scored:]
+            before, after = (leak_rate(images[scored:], leak_prompts, CONCEPT_COLOUR) for images in (off, on))
+            scores.append(BeforeAfter("leak", before, after))
+        return scores
 
-    def _samples(self, step: int) -> tuple[Optional[str], Optional[BeforeAfter]]:
+    def _samples(self, step: int) -> tuple[Optional[str], list[BeforeAfter]]:
         """Render, score and write the off | on grid of the fixed prompts and seeds (main process only)."""
         if not self.main:
-            return None, None
+            return None, []
         s = self.settings.sample
         prompts, cond, sources = self._sample_inputs()
-        self.pipe.unet.eval()
-        self.pipe.text_encoder.eval()
         device_cond = None if cond is None else cond.to(self.accelerator.device)
-        off, on = render_off_on(
-            self.pipe, prompts, list(s.seeds), s.steps, s.guidance_scale, device_cond, self.resolution
-        )
-        self.pipe.unet.train()
-        self.pipe.text_encoder.train(self.train_te)
-        score = self._score(prompts, off, on, sources)
-        title = f"step {step}" + (f" - {score}" if score else "")
+        with self._eval_mode():
+            off, on = render_off_on(
+                self.pipe, prompts, list(s.seeds), s.steps, s.guidance_scale, device_cond, self.resolution
+            )
+        scores = self._scores(prompts, off, on, sources)
+        title = f"step {step}" + (f" - {scores[0]}" if scores else "")
         conditions = None if cond is None else [to_image(c * 2 - 1) for c in cond]
         path = os.path.join(self.output_dir, "samples", f"step-{step:06d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         grid(off, on, prompts, title, conditions).save(path)
         self.log.info("samples (adapters off | on) written to %s", path)
-        return path, score
+        return path, scores
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """The UNet and text encoder in eval mode (no dropout) for the block, then as training has them."""
+        self.pipe.unet.eval()
+        self.pipe.text_encoder.eval()
+        try:
+            yield
+        finally:
+            self.pipe.unet.train()
+            self.pipe.text_encoder.train(self.train_te)
 
 
 def train(settings: DictConfig) -> TrainResult:

@@ -16,7 +16,7 @@ from peft_hcp.embedded.pipeline import (
 )
 from peft_hcp.embedded.pretrain import PretrainPlan, follow_prompts, pretrain
 from peft_hcp.errors import CheckpointError
-from peft_hcp.train.concept import concept_score, shape_score
+from peft_hcp.train.concept import colour_score, concept_score, shape_score
 from peft_hcp.train.data import (
     BASE_COLOURS,
     CONCEPT_COLOUR,
@@ -57,13 +57,29 @@ def test_vae_reconstructs_shapes_in_base_and_held_out_colours(base, colours):
 
 def test_samples_show_the_prompted_colour_and_shape(base):
     images, prompts = _samples(base, follow_prompts(BASE_COLOURS))  # 7 colours x 3 shapes x 2 seeds
-    assert concept_score(images, prompts) >= 0.85
+    assert colour_score(images, prompts) >= 0.85
     assert shape_score(images, prompts) >= 0.7
 
 
 def test_the_base_never_learned_the_concept_colour(base):
     images, prompts = _samples(base, follow_prompts([CONCEPT_COLOUR]))
-    assert concept_score(images, prompts) <= 0.2
+    assert colour_score(images, prompts) <= 0.2
+
+
+def _token(pipe, word: str) -> int:
+    (token,) = pipe.tokenizer(word, add_special_tokens=False).input_ids  # one token each
+    return token
+
+
+def test_the_text_encoder_never_trained_on_the_concept_word(base):
+    """Provenance of the shipped file, cheaply: pre-training (AdamW without weight decay, then its average) moves
+    the embedding of a token only if a caption holds it, so the concept word's is still its seeded initial value,
+    and every base colour word's has moved."""
+    initial = untrained_pipeline().text_encoder.get_input_embeddings().weight.half().float()
+    shipped = base.text_encoder.get_input_embeddings().weight
+    assert torch.equal(shipped[_token(base, CONCEPT_COLOUR)], initial[_token(base, CONCEPT_COLOUR)])
+    for colour in BASE_COLOURS:
+        assert not torch.equal(shipped[_token(base, colour)], initial[_token(base, colour)]), colour
 
 
 def test_base_weights_load_strictly(tmp_path):
