@@ -180,6 +180,7 @@ def measure(pipe, items: int = 64, seeds=FOLLOW_SEEDS) -> BaseFigures:
     from peft_hcp.train.data import (
         BASE_COLOURS,
         CONCEPT_COLOUR,
+        KINDS,
         ShapesDataset,
         concept_dataset,
     )
@@ -204,7 +205,7 @@ def measure(pipe, items: int = 64, seeds=FOLLOW_SEEDS) -> BaseFigures:
     )
     return BaseFigures(
         vae_error=vae_error(ShapesDataset(items, resolution, seed=12345)),
-        vae_error_concept=vae_error(concept_dataset(items, resolution, seed=12345)),
+        vae_error_concept=vae_error(concept_dataset(items, resolution, seed=12345, kinds=KINDS)),
         colour_score=colour_score(images, per_image),
         shape_score=shape_score(images, per_image),
         concept_score=colour_score(concept_images, [p for p in concept_prompts for _ in seeds]),

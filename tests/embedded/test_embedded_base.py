@@ -20,6 +20,7 @@ from peft_hcp.train.concept import colour_score, concept_score, shape_score
 from peft_hcp.train.data import (
     BASE_COLOURS,
     CONCEPT_COLOUR,
+    KINDS,
     ShapesDataset,
     concept_dataset,
     to_image,
@@ -46,7 +47,7 @@ def _samples(pipe, prompts):
 
 @pytest.mark.parametrize("colours", ["base", "concept"])
 def test_vae_reconstructs_shapes_in_base_and_held_out_colours(base, colours):
-    dataset = ShapesDataset(16, 32, seed=99) if colours == "base" else concept_dataset(16, 32, seed=99)
+    dataset = ShapesDataset(16, 32, seed=99) if colours == "base" else concept_dataset(16, 32, seed=99, kinds=KINDS)
     pixels = torch.stack([dataset[i]["pixels"] for i in range(len(dataset))])
     with torch.no_grad():
         reconstruction = base.vae.decode(base.vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
