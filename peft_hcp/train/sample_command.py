@@ -3,7 +3,8 @@
 ``DIR`` is a training checkpoint or any peft-hcp adapter set / PEFT adapter folder. The base pipeline is
 ``pretrained_model=PATH`` if given, else the one the checkpoint was trained on (recorded in its
 ``train_state.json``), else the embedded tiny pipeline. Writes the adapter-on images and an off/on grid.
-A plugin that takes a condition image (ControlNet) needs ``cond=IMAGE`` (used as is, e.g. an edge map).
+A plugin that takes a condition image (ControlNet) needs ``cond=IMAGE``, used as is: the kind of image it trained
+on (of the generated shapes a silhouette, of a data folder an edge map).
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ def sample(adapter: str, settings: dict) -> list[str]:
         raise ValueError("cond= was given, but no plugin of this adapter takes a condition image.")
     if needs_condition(pipe):
         if settings["cond"] is None:
-            raise ValueError("This adapter takes a condition image: give cond=IMAGE (e.g. an edge map).")
+            raise ValueError(
+                "This adapter takes a condition image: give cond=IMAGE, of the kind it trained on "
+                "(a silhouette, an edge map)."
+            )
         with Image.open(settings["cond"]) as image:
             cond = ((to_tensor(image, resolution) + 1) / 2)[None].repeat(len(settings["prompt"]), 1, 1, 1)
     prompts, seeds = settings["prompt"], settings["seeds"]

@@ -649,7 +649,7 @@ def test_mixed_kinds_with_controlnet_train_together_and_sample(tmp_path, capsys)
 def test_a_controlnet_learns_to_use_its_condition(tmp_path):
     """A sanity check of configs/controlnet.yaml's claim (control IoU up by 0.35 in 400 steps), short enough for
     CI: after 60 steps at a higher lr, the loss on held-out items is lower with their own silhouettes than with
-    each other's. Trained on edge maps instead, the two stayed equal to 1e-5 for 600 steps."""
+    each other's. Trained on edge maps instead, the two stayed within 6e-5 for 600 steps."""
     overrides = ["steps=60", "plugin_unet.controlnet1.lr=1e-2", "save_every=0", "sample.steps=2", "sample.seeds=[0]"]
     trainer = Trainer(load_settings(CONTROLNET, [f"output_dir={tmp_path}", *overrides]))
     trainer.run()
