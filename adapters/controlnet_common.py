@@ -48,11 +48,6 @@ def clean_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
-def base_module(target: Target) -> nn.Module:
-    """The selected module itself, or the base layer of a PEFT tuner layer wrapping it."""
-    return target.module.get_base_layer() if isinstance(target.module, BaseTunerLayer) else target.module
-
-
 def _comparable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_comparable(v) for v in value]

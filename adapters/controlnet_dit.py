@@ -40,7 +40,8 @@ from diffusers.models.transformers.transformer_flux import (
 )
 from torch import nn
 
-from peft_hcp.adapters.controlnet_common import ControlNetBase, base_module, clean_copy
+from peft_hcp.adapters.controlnet_common import ControlNetBase, clean_copy
+from peft_hcp.base.unwrap import base_module
 from peft_hcp.errors import SelectorMatchError, UnsupportedLayerError
 from peft_hcp.hooked import HcpHookedModel, HcpMultiPluginConfig, MultiPluginLayer
 from peft_hcp.selectors import Target
@@ -62,6 +63,15 @@ class DiTControlNetPlugin(ControlNetBase):
     groups: ClassVar[tuple[BlockGroup, ...]]
     copied: ClassVar[tuple[str, ...]]  # host embedders copied with their weights
     latent_embedder: ClassVar[str]  # the host module whose input is the latents
+    #: the host config fields the diffusers ControlNet's config repeats
+    host_fields: ClassVar[tuple[str, ...]] = (
+        "patch_size",
+        "in_channels",
+        "attention_head_dim",
+        "num_attention_heads",
+        "joint_attention_dim",
+        "pooled_projection_dim",
+    )
 
     @classmethod
     def check_host(cls, host: nn.Module, config: Any) -> None:
@@ -89,6 +99,10 @@ class DiTControlNetPlugin(ControlNetBase):
         for name in (*cls.copied, cls.latent_embedder):
             if getattr(host, name, None) is None:
                 raise UnsupportedLayerError(f"{cls.__name__} needs the host's {name!r}; {kind} has none.")
+
+    @classmethod
+    def diffusers_config(cls, host_config: dict, config: Any) -> dict:
+        return {key: host_config[key] for key in cls.host_fields}
 
     @classmethod
     def default_layers(cls, host: nn.Module) -> tuple[list[str], list[str]]:
@@ -143,7 +157,7 @@ class DiTControlNetPlugin(ControlNetBase):
 
     def _slot(self, target: Target, host: nn.Module) -> Optional[tuple[int, int]]:
         """``(group, output index)`` added after the to-layer ``target``; ``None`` where nothing was copied."""
-        module = base_module(target)
+        module = base_module(target.module)
         for index, group in enumerate(self.groups):
             blocks = list(getattr(host, group.attr))
             if any(module is block for block in blocks):
@@ -210,6 +224,14 @@ class SD3ControlNetPlugin(DiTControlNetPlugin):
     call_keys = ("timestep", "encoder_hidden_states", "pooled_projections")
     diffusers_class = SD3ControlNetModel
     plugin_fields = ("num_layers", "extra_conditioning_channels", "force_zeros_for_pooled_projection")
+    host_fields = (
+        *DiTControlNetPlugin.host_fields,
+        "sample_size",
+        "caption_projection_dim",
+        "out_channels",
+        "pos_embed_max_size",
+        "qk_norm",
+    )
 
     @classmethod
     def check_host(cls, host: nn.Module, config: Any) -> None:
@@ -228,21 +250,8 @@ class SD3ControlNetPlugin(DiTControlNetPlugin):
 
     @classmethod
     def diffusers_config(cls, host_config: dict, config: Any) -> dict:
-        shared = (
-            "sample_size",
-            "patch_size",
-            "in_channels",
-            "attention_head_dim",
-            "num_attention_heads",
-            "joint_attention_dim",
-            "caption_projection_dim",
-            "pooled_projection_dim",
-            "out_channels",
-            "pos_embed_max_size",
-            "qk_norm",
-        )
         return {
-            **{key: host_config[key] for key in shared},
+            **super().diffusers_config(host_config, config),
             "dual_attention_layers": [i for i in host_config.get("dual_attention_layers", ()) if i < config.num_layers],
             "num_layers": config.num_layers,
             "extra_conditioning_channels": config.extra_conditioning_channels,
@@ -299,21 +308,12 @@ class FluxControlNetPlugin(DiTControlNetPlugin):
     call_keys = ("timestep", "encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids", "guidance")
     diffusers_class = FluxControlNetModel
     plugin_fields = ("num_layers", "num_single_layers")
+    host_fields = (*DiTControlNetPlugin.host_fields, "guidance_embeds", "axes_dims_rope")
 
     @classmethod
     def diffusers_config(cls, host_config: dict, config: Any) -> dict:
-        shared = (
-            "patch_size",
-            "in_channels",
-            "attention_head_dim",
-            "num_attention_heads",
-            "joint_attention_dim",
-            "pooled_projection_dim",
-            "guidance_embeds",
-            "axes_dims_rope",
-        )
         return {
-            **{key: host_config[key] for key in shared},
+            **super().diffusers_config(host_config, config),
             "num_layers": config.num_layers,
             "num_single_layers": config.num_single_layers,
             "num_mode": None,

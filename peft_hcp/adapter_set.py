@@ -46,14 +46,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from peft_hcp.base.blocks import BlockLayer
+from peft_hcp.base.components import PLUGIN_COMPONENTS, pipeline_components
 from peft_hcp.base.files import check_adapter_folder, read_safetensors
 from peft_hcp.errors import CheckpointError
 
 
 MANIFEST_NAME = "adapter_set.json"
 MANIFEST_FORMAT = "peft-hcp-adapter-set"
-#: Pipeline components that may carry plugins, in the order they are saved.
-PLUGIN_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -67,16 +66,6 @@ class SetEntry:
     peft_type: str
 
 
-def plugin_components(target: nn.Module) -> dict[str, nn.Module]:
-    """The modules of ``target`` that can carry adapters: a pipeline's components, or the model itself."""
-    components = getattr(target, "components", None)
-    if isinstance(components, dict) and not isinstance(target, nn.Module):
-        return {name: components[name] for name in PLUGIN_COMPONENTS if components.get(name) is not None}
-    if isinstance(target, nn.Module):
-        return {"": target}
-    raise TypeError(f"Expected a diffusers pipeline or a torch module, got {type(target).__name__}.")
-
-
 def adapter_names(module: nn.Module) -> list[str]:
     """Names of the adapters on ``module`` (a ``PeftModel`` or a model adapted in place)."""
     return list(getattr(module, "peft_config", None) or {})
@@ -88,7 +77,7 @@ def save_adapter(target, save_directory: str, adapter_names_: Optional[list[str]
     Returns the entries written to the manifest. Raises ``ValueError`` when there is nothing to save.
     """
     entries: list[SetEntry] = []
-    for component, module in plugin_components(target).items():
+    for component, module in pipeline_components(target).items():
         names = [n for n in adapter_names(module) if adapter_names_ is None or n in adapter_names_]
         for name in names:
             sub = component if len(names) == 1 else "/".join(p for p in (component, name) if p)
@@ -188,7 +177,7 @@ def load_adapter(
     """
     folder = resolve_source(path_or_repo_id, revision, token, cache_dir, local_files_only)
     entries = _renamed(read_set(folder), adapter_name)
-    components = plugin_components(target)
+    components = pipeline_components(target)
     placed = _place(entries, components)
     for entry, module in placed:
         _load_one(module, entry, os.path.join(folder, entry.subfolder) if entry.subfolder else folder, is_trainable)
@@ -345,7 +334,6 @@ __all__ = [
     "detach",
     "load_adapter",
     "load_adapter_weights",
-    "plugin_components",
     "read_set",
     "resolve_source",
     "save_adapter",

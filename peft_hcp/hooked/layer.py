@@ -18,10 +18,10 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, ClassVar, Optional
 
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_hcp.base.blocks import BlockLayer
+from peft_hcp.base.unwrap import base_module
 from peft_hcp.errors import MergeNotSupportedError, SelectorMatchError
 from peft_hcp.hooked.block import MultiPluginBlock, PluginBlock, _HookedBlock
 from peft_hcp.hooked.config import HcpMultiPluginConfig, HcpPluginConfig
@@ -65,7 +65,7 @@ class HookedPluginLayer(BlockLayer):
         self.blocks[adapter_name] = blocks.to(device) if device is not None else blocks
         handles = []
         for target, role, idx in specs:
-            host = target.module.get_base_layer() if isinstance(target.module, BaseTunerLayer) else target.module
+            host = base_module(target.module)
             if target.prehook:
                 handle = host.register_forward_pre_hook(
                     partial(self._pre_hook, adapter_name, role, idx), with_kwargs=True

@@ -11,10 +11,11 @@ from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from peft_hcp.base.host_layer import HostLayer
+from peft_hcp.base.unwrap import tuner_layers
 from peft_hcp.single.block import SinglePluginBlock
 from peft_hcp.single.config import HcpSingleConfig
 
@@ -35,14 +36,9 @@ class SinglePluginLayer(HostLayer):
         super().__init__(base_layer, adapter_name, config)
         self._weights_before_merge: dict[str, torch.Tensor] = {}
         hook_param = self.block_cls.hook_param
-        self._param_path = ".".join(["base_layer"] * self._depth() + [hook_param]) if hook_param else None
-
-    def _depth(self) -> int:
-        """How many tuner layers sit between this one and the host (0 when it wraps the host)."""
-        depth, layer = 0, self.base_layer
-        while isinstance(layer, BaseTunerLayer):
-            depth, layer = depth + 1, layer.base_layer
-        return depth
+        # the host's parameter, through the tuner layers between this one and the host
+        depth = len(tuner_layers(self.base_layer))
+        self._param_path = ".".join(["base_layer"] * depth + [hook_param]) if hook_param else None
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         if self.disable_adapters:

@@ -12,10 +12,10 @@ import copy
 from collections.abc import Callable
 from typing import Optional
 
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_hcp.base.tuner import HcpTuner
+from peft_hcp.base.unwrap import base_module
 from peft_hcp.errors import UnsupportedLayerError
 from peft_hcp.registry import ConfigT, generated_type
 from peft_hcp.selectors import (
@@ -81,9 +81,7 @@ def _try_resolve(model, selector, modules):
 
 
 def _is_wrapable(module: nn.Module, block_cls: type[SinglePluginBlock]) -> bool:
-    if isinstance(module, BaseTunerLayer):
-        module = module.get_base_layer()
-    return isinstance(module, block_cls.wrapable_classes)
+    return isinstance(base_module(module), block_cls.wrapable_classes)
 
 
 def _self_and_ancestors(name: str) -> list[str]:

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from peft_hcp.adapter_set import load_adapter_weights, read_set, save_adapter
+from peft_hcp.base.components import pipeline_components
 from peft_hcp.base.files import read_safetensors
 from peft_hcp.errors import CheckpointError
 
@@ -112,7 +113,7 @@ def load_checkpoint(pipe, folder: str, optimizer: torch.optim.Optimizer) -> int:
     Returns the step the checkpoint was taken at. The adapters of the checkpoint must be the ones the
     config attaches: a missing or extra adapter, or a missing weight, is a ``CheckpointError``.
     """
-    components = {name: getattr(pipe, name) for name in ("unet", "text_encoder")}
+    components = pipeline_components(pipe)
     saved = read_set(folder)
     wanted = {(c, n) for c, m in components.items() for n in (getattr(m, "peft_config", None) or {})}
     found = {(e.component, e.name) for e in saved}

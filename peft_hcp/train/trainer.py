@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from peft_hcp.base.components import pipeline_components
 from peft_hcp.embedded.pipeline import default_resolution, load_pipeline
 from peft_hcp.hooked import feed
 from peft_hcp.train.checkpoint import (
@@ -133,7 +134,7 @@ class Trainer:
         self.pipe = load_pipeline(settings.pretrained_model)
         self.pipe.set_progress_bar_config(disable=True)
         self.resolution = settings.resolution or default_resolution(self.pipe)
-        self.groups = attach_plugins({"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder}, entries)
+        self.groups = attach_plugins(pipeline_components(self.pipe), entries)
         self.entries = entries
         self.train_te = any(e.component == "text_encoder" for e in entries)
         self.conditioned = needs_condition(self.pipe)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from peft_hcp.base.files import read_safetensors
+from peft_hcp.base.unwrap import base_module
 from peft_hcp.errors import CheckpointError, few
 from peft_hcp.hub.interchange.kohya import install_layers
 from peft_hcp.hub.interchange.stock import interchange_components
@@ -94,6 +95,5 @@ def _place(layer: str, components: dict[str, nn.Module]) -> tuple[str, str] | No
             module = model.get_submodule(name)
         except AttributeError:
             return None
-        module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-        return (component, name) if isinstance(module, (nn.Linear, nn.Conv2d)) else None
+        return (component, name) if isinstance(base_module(module), (nn.Linear, nn.Conv2d)) else None
     return None
