@@ -27,8 +27,7 @@ diffusers' ``set_adapters`` scales the residuals (``controlnet_conditioning_scal
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from diffusers import ControlNetModel
@@ -37,8 +36,11 @@ from torch import nn
 
 from peft_hcp.adapters.controlnet_common import ControlNetBase, clean_copy
 from peft_hcp.errors import SelectorMatchError, UnsupportedLayerError
-from peft_hcp.hooked import HcpHookedModel, HcpMultiPluginConfig, MultiPluginLayer
 from peft_hcp.selectors import Target
+
+
+if TYPE_CHECKING:
+    from peft_hcp.adapters.controlnet_types import HcpControlNetConfig
 
 
 #: UNet config entries a ``ControlNetModel`` takes over from its UNet (as ``ControlNetModel.from_unet`` does).
@@ -272,22 +274,3 @@ class ControlNetPlugin(ControlNetBase):
         if args:
             return (x, *args[1:]), kwargs
         return args, {**kwargs, "input_tensor": x}
-
-
-@dataclass
-class HcpControlNetConfig(HcpMultiPluginConfig):
-    """A ControlNet on a diffusers UNet, SD 1.x/2.x or SDXL (see :class:`ControlNetPlugin`); default layers fit its layout."""
-
-    conditioning_channels: int = field(default=3, metadata={"help": "Channels of the condition image."})
-    conditioning_embedding_out_channels: list[int] = field(
-        default_factory=lambda: [16, 32, 96, 256],
-        metadata={"help": "Channels of the condition head; each step after the first halves the size."},
-    )
-
-
-class HcpControlNetContainer(MultiPluginLayer, type_name="hcp_controlnet", block_cls=ControlNetPlugin):
-    """The container of ``hcp_controlnet`` (``model.hcp_controlnet``): one ControlNet copy per adapter."""
-
-
-class HcpControlNetModel(HcpHookedModel, layer_cls=HcpControlNetContainer, config_cls=HcpControlNetConfig):
-    """The PEFT tuner of ``hcp_controlnet``; defining it registers the type with PEFT."""

@@ -24,12 +24,8 @@ from diffusers import (
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from peft_hcp.adapters.controlnet import HcpControlNetConfig
 from peft_hcp.adapters.controlnet_common import ControlNetBase
-from peft_hcp.adapters.controlnet_dit import (
-    HcpFluxControlNetConfig,
-    HcpSD3ControlNetConfig,
-)
+from peft_hcp.adapters.controlnet_types import HcpControlNetConfig, HcpFluxControlNetConfig, HcpSD3ControlNetConfig
 
 
 _CONFIGS = {

@@ -27,7 +27,7 @@ with SD3's ``skip_layers`` gets no control output here (diffusers adds it anyway
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -43,7 +43,6 @@ from torch import nn
 from peft_hcp.adapters.controlnet_common import ControlNetBase, clean_copy
 from peft_hcp.base.unwrap import base_module
 from peft_hcp.errors import SelectorMatchError, UnsupportedLayerError
-from peft_hcp.hooked import HcpHookedModel, HcpMultiPluginConfig, MultiPluginLayer
 from peft_hcp.selectors import Target
 
 
@@ -344,46 +343,3 @@ class FluxControlNetPlugin(DiTControlNetPlugin):
         txt_ids, img_ids = (ids[0] if ids.ndim == 3 else ids for ids in (call["txt_ids"], call["img_ids"]))
         rotary = self.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
         return hidden, context, temb, {"image_rotary_emb": rotary}
-
-
-@dataclass
-class HcpSD3ControlNetConfig(HcpMultiPluginConfig):
-    """A ControlNet on an ``SD3Transformer2DModel`` (see :class:`SD3ControlNetPlugin`); fields as in ``SD3ControlNetModel``."""
-
-    num_layers: int = field(default=12, metadata={"help": "How many of the host's first joint blocks to copy."})
-    extra_conditioning_channels: int = field(
-        default=0, metadata={"help": "Channels of the control latents beyond the host's latent channels."}
-    )
-    force_zeros_for_pooled_projection: bool = field(
-        default=True,
-        metadata={
-            "help": "Give the copy zero pooled projections (diffusers' default; its pipeline then skips "
-            "the VAE shift on the control latents)."
-        },
-    )
-
-
-class HcpSD3ControlNetContainer(MultiPluginLayer, type_name="hcp_sd3_controlnet", block_cls=SD3ControlNetPlugin):
-    """The container of ``hcp_sd3_controlnet``: one SD3 ControlNet per adapter."""
-
-
-class HcpSD3ControlNetModel(HcpHookedModel, layer_cls=HcpSD3ControlNetContainer, config_cls=HcpSD3ControlNetConfig):
-    """The PEFT tuner of ``hcp_sd3_controlnet``; defining it registers the type with PEFT."""
-
-
-@dataclass
-class HcpFluxControlNetConfig(HcpMultiPluginConfig):
-    """A ControlNet on a ``FluxTransformer2DModel`` (see :class:`FluxControlNetPlugin`); fields as in ``FluxControlNetModel``."""
-
-    num_layers: int = field(default=4, metadata={"help": "How many of the host's first double-stream blocks to copy."})
-    num_single_layers: int = field(
-        default=10, metadata={"help": "How many of the host's first single-stream blocks to copy."}
-    )
-
-
-class HcpFluxControlNetContainer(MultiPluginLayer, type_name="hcp_flux_controlnet", block_cls=FluxControlNetPlugin):
-    """The container of ``hcp_flux_controlnet``: one Flux ControlNet per adapter."""
-
-
-class HcpFluxControlNetModel(HcpHookedModel, layer_cls=HcpFluxControlNetContainer, config_cls=HcpFluxControlNetConfig):
-    """The PEFT tuner of ``hcp_flux_controlnet``; defining it registers the type with PEFT."""

@@ -15,9 +15,11 @@ module named in the file: only types registered in this process can be built.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Optional, TypeVar
 
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType, register_peft_method
@@ -81,8 +83,22 @@ def bind_type(model_cls: type, config_cls: type) -> None:
     if not issubclass(config_cls, layer_cls.config_base):
         raise TypeError(f"{config_cls.__name__} must subclass {layer_cls.config_base.__name__}.")
     config_cls.type_name = layer_cls.type_name
-    config_cls.plugin_cls = layer_cls.block_cls
+    config_cls.plugin_cls = inspect.getattr_static(layer_cls, "block_cls")  # a LazyClass stays lazy
     register_tuner(layer_cls.type_name, config_cls, model_cls)
+
+
+class LazyClass:
+    """A class attribute naming a class that is imported on first access: ``LazyClass("pkg.module", "Name")``.
+
+    A layer class may name its block so (``block_cls=LazyClass(...)``): its type registers with PEFT at once,
+    and the block's module (the ControlNets' model code) is imported when an adapter is first attached.
+    """
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __get__(self, obj: object, owner: Optional[type] = None) -> type:
+        return getattr(importlib.import_module(self.module), self.name)
 
 
 def generated_type(type_name: str, block_cls: type, layer_base: type, model_base: type) -> Callable[[ConfigT], ConfigT]:

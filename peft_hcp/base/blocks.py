@@ -19,13 +19,14 @@ inputs it takes in ``input_keys`` and reads them with :meth:`WeightedBlock.requi
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_hcp.base.feed import COMPILED_INPUTS, ActivationCache, call_state
+from peft_hcp.registry import LazyClass
 
 
 class WeightedBlock(nn.Module):
@@ -76,13 +77,17 @@ class BlockLayer(nn.Module, BaseTunerLayer):
     block_base: ClassVar[type[nn.Module]] = WeightedBlock
     config_base: ClassVar[type]
 
-    def __init_subclass__(cls, *, type_name: Optional[str] = None, block_cls: Optional[type] = None, **kwargs) -> None:
+    def __init_subclass__(
+        cls, *, type_name: Optional[str] = None, block_cls: Union[type, LazyClass, None] = None, **kwargs
+    ) -> None:
         super().__init_subclass__(**kwargs)
         if type_name is not None:
             cls.type_name = type_name
             cls.blocks_attr = f"{type_name}_blocks"
             cls.adapter_layer_names = (cls.blocks_attr,)
-        if block_cls is not None:
+        if isinstance(block_cls, LazyClass):
+            cls.block_cls = block_cls  # type: ignore[assignment]  (resolved on first access)
+        elif block_cls is not None:
             if not (isinstance(block_cls, type) and issubclass(block_cls, cls.block_base)):
                 raise TypeError(f"{block_cls!r} is not a {cls.block_base.__name__} subclass.")
             if hasattr(block_cls, "wrapable_classes") and not block_cls.wrapable_classes:

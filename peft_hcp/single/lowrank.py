@@ -21,6 +21,7 @@ whose merged weight depends on it (DoRA).
 
 from __future__ import annotations
 
+import inspect
 from typing import ClassVar, Optional, Union
 
 import torch
@@ -160,10 +161,14 @@ class LowRankBlock(SinglePluginBlock):
 
 def lowrank_types() -> dict[type[LowRankBlock], type]:
     """Every registered low-rank variant: ``{block class: config class}``, in registration order."""
-    return {
-        config_cls.plugin_cls: config_cls
+    blocks = {
+        config_cls: inspect.getattr_static(config_cls, "plugin_cls", None)
         for config_cls in PEFT_TYPE_TO_CONFIG_MAPPING.values()
-        if isinstance(getattr(config_cls, "plugin_cls", None), type) and issubclass(config_cls.plugin_cls, LowRankBlock)
+    }
+    return {
+        block_cls: config_cls
+        for config_cls, block_cls in blocks.items()
+        if isinstance(block_cls, type) and issubclass(block_cls, LowRankBlock)  # a LazyClass is no low-rank block
     }
 
 

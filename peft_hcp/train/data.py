@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from peft_hcp.errors import PeftHcpError
+
 
 #: The palette of the generated shapes, which the detector of :mod:`peft_hcp.train.concept` reads back.
 COLOURS = {
@@ -171,7 +173,7 @@ class FolderDataset:
         return {"pixels": pixels, "caption": caption, "cond": edge_map(pixels)}
 
 
-class ImageFileError(ValueError):
+class ImageFileError(PeftHcpError, ValueError):
     """A training image that cannot be decoded; the message names the file."""
 
 

@@ -42,6 +42,7 @@ from torch import nn
 
 from peft_hcp.adapter_set import attach
 from peft_hcp.base.config import HcpConfig
+from peft_hcp.errors import PeftHcpError
 
 
 #: Config sections and the pipeline component each one adapts.
@@ -57,7 +58,7 @@ _KEYS = ("_target_", "_partial_", "lr", "train", "weight_decay")
 _FLAGS = re.compile(r"^((?:(?:re|prehook|pre_hook):)*)(.*)$", re.S)
 
 
-class PluginConfigError(ValueError):
+class PluginConfigError(PeftHcpError, ValueError):
     """A ``plugin_unet`` / ``plugin_TE`` entry that cannot be turned into an adapter."""
 
 

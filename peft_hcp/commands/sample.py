@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 
 SETTINGS = {
@@ -59,13 +58,7 @@ def parse_settings(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = parse_settings(args.settings)
-        paths = sample(args.adapter, settings)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"peft-hcp sample: error: {exc}", file=sys.stderr)
-        return 2
-    print("\n".join(paths))
+    print("\n".join(sample(args.adapter, parse_settings(args.settings))))
     return 0
 
 
@@ -73,7 +66,7 @@ def sample(adapter: str, settings: dict) -> list[str]:
     """Render ``settings['prompt']`` x ``settings['seeds']`` with the adapter; returns the written files."""
     from PIL import Image
 
-    import peft_hcp  # noqa: F401  (registers the bundled plugin types)
+    import peft_hcp.adapters  # noqa: F401  (registers the bundled plugin types)
     from peft_hcp.adapter_set import load_adapter
     from peft_hcp.embedded.pipeline import default_resolution, load_pipeline
     from peft_hcp.train.checkpoint import STATE_NAME
