@@ -86,7 +86,7 @@ class BlockLayer(nn.Module, BaseTunerLayer):
             cls.blocks_attr = f"{type_name}_blocks"
             cls.adapter_layer_names = (cls.blocks_attr,)
         if isinstance(block_cls, LazyClass):
-            cls.block_cls = block_cls  # type: ignore[assignment]  (resolved on first access)
+            cls.block_cls = block_cls  # type: ignore[assignment]  # a class on first access
         elif block_cls is not None:
             if not (isinstance(block_cls, type) and issubclass(block_cls, cls.block_base)):
                 raise TypeError(f"{block_cls!r} is not a {cls.block_base.__name__} subclass.")

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 
 def tuner_layers(module: nn.Module) -> list[BaseTunerLayer]:
     """The PEFT tuner layers wrapped around a host at ``module``, outermost first (none for an unwrapped one)."""
-    layers = []
-    while isinstance(module, BaseTunerLayer) and hasattr(module, "base_layer"):
-        layers.append(module)
-        module = module.base_layer
+    layers: list[BaseTunerLayer] = []
+    layer: Any = module
+    while isinstance(layer, BaseTunerLayer) and hasattr(layer, "base_layer"):
+        layers.append(layer)
+        layer = layer.base_layer
     return layers
 
 
