@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from peft_hcp.base.files import read_safetensors
+from peft_hcp.base.fit import check_state_dict
 from peft_hcp.embedded.models import tiny_clip_text_model, tiny_unet, tiny_vae
 from peft_hcp.errors import CheckpointError
 
@@ -84,15 +85,7 @@ def load_base_weights(pipe: StableDiffusionPipeline, path: str) -> None:
     for name in BASE_COMPONENTS:
         prefix = f"{name}."
         states[name] = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
-        expected = getattr(pipe, name).state_dict()
-        missing = sorted(expected.keys() - states[name].keys())
-        unexpected = sorted(states[name].keys() - expected.keys())
-        misshapen = [k for k in expected.keys() & states[name].keys() if expected[k].shape != states[name][k].shape]
-        if missing or unexpected or misshapen:
-            raise CheckpointError(
-                f"{path} does not fit the pipeline's {name}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                f"of another shape {misshapen[:3]} (first three of each)."
-            )
+        check_state_dict(states[name], getattr(pipe, name).state_dict(), path, f"the pipeline's {name}")
     for name, state in states.items():
         getattr(pipe, name).load_state_dict(state, strict=True)
     pipe.vae.register_to_config(scaling_factor=float(scaling_factor))

@@ -171,7 +171,7 @@ def test_save_load_in_a_fresh_process_and_under_another_name(unet, unet_batch, t
         import torch, peft_hcp
         from peft import PeftModel
         from peft_hcp.embedded import tiny_unet, unet_inputs
-        from tests.test_multi_plugin import cond_image
+        from tests.hooked.test_multi_plugin import cond_image
         model = PeftModel.from_pretrained(tiny_unet(), {str(tmp_path / "cn")!r})
         with peft_hcp.feed(model, cond=cond_image()), torch.no_grad():
             out = model(*unet_inputs()).sample
@@ -195,7 +195,7 @@ def test_reload_restores_the_trained_copy_exactly(unet, unet_batch, tmp_path):
         import torch, peft_hcp
         from peft import PeftModel
         from peft_hcp.embedded import tiny_unet, unet_inputs
-        from tests.test_multi_plugin import cond_image
+        from tests.hooked.test_multi_plugin import cond_image
         model = PeftModel.from_pretrained(tiny_unet(), {str(tmp_path / "cn")!r})
         with peft_hcp.feed(model, cond=cond_image()), torch.no_grad():
             torch.save(model(*unet_inputs()).sample, {str(tmp_path / "out.pt")!r})
@@ -269,7 +269,7 @@ def test_feed_reaches_the_plugin_through_ddp(tmp_path):
         from torch.nn.parallel import DistributedDataParallel
         import peft_hcp
         from peft_hcp.embedded import tiny_unet, unet_inputs
-        from tests.test_multi_plugin import cn_config, cond_image, fed_out
+        from tests.hooked.test_multi_plugin import cn_config, cond_image, fed_out
 
         model = get_peft_model(tiny_unet(), cn_config())
         expected = fed_out(model, unet_inputs(), cond_image())
