@@ -90,7 +90,11 @@ class ModelSnapshot:
                 m: {name: (m.__dict__[name], _contents(m.__dict__[name])) for name in _watched(m) if name in m.__dict__}
                 for m in modules
             },
-            requires_grad=[(p, p.requires_grad) for p in dict.fromkeys(p for m in modules for p in m.parameters())],
+            requires_grad=[
+                (p, p.requires_grad)
+                for p in dict.fromkeys(p for m in modules for p in m._parameters.values())
+                if p is not None
+            ],
             values=[(t, t.detach().clone()) for t in values],
         )
 
