@@ -10,8 +10,9 @@ imports from (:mod:`.controlnet_bridge`). Hosts: ``UNet2DConditionModel`` withou
 ``text_time`` one; anything else is refused before the model is touched. Hook indices (the default layers):
 
 * from 0 ``prehook:`` (the UNet itself): remembers the call's ``timestep``, ``encoder_hidden_states``,
-  ``timestep_cond``, ``attention_mask``, ``cross_attention_kwargs`` and ``added_cond_kwargs`` (SDXL's
-  ``text_embeds`` and ``time_ids``), given by position or keyword;
+  ``attention_mask``, ``cross_attention_kwargs`` and ``added_cond_kwargs`` (SDXL's ``text_embeds`` and
+  ``time_ids``), given by position or keyword. An LCM-distilled UNet's ``timestep_cond`` is the UNet's own, as
+  with diffusers' ``ControlNetModel``: the copied time embedding has no guidance projection;
 * from 1 ``prehook:conv_in``: runs the ControlNet on the UNet's sample, inside the UNet's call (so inside
   its autocast);
 * to 0 .. n-1 ``down_blocks.i`` (``re:down_blocks\\.\\d+``): adds the block's residuals to its skip outputs;
@@ -89,7 +90,6 @@ class ControlNetPlugin(ControlNetBase):
     call_keys = (
         "timestep",
         "encoder_hidden_states",
-        "timestep_cond",
         "attention_mask",
         "cross_attention_kwargs",
         "added_cond_kwargs",
@@ -156,6 +156,9 @@ class ControlNetPlugin(ControlNetBase):
         self.conv_in = clean_copy(host.conv_in)
         self.time_proj = clean_copy(host.time_proj)
         self.time_embedding = clean_copy(host.time_embedding)
+        # an LCM-distilled UNet's guidance embedding (`time_cond_proj_dim`) is the UNet's alone: diffusers'
+        # ControlNetModel has none, and its pipelines give the ControlNet no `timestep_cond`
+        self.time_embedding.cond_proj = None
         has_added = getattr(host, "add_embedding", None) is not None
         self.add_time_proj = clean_copy(host.add_time_proj) if has_added else None
         self.add_embedding = clean_copy(host.add_embedding) if has_added else None
@@ -200,7 +203,7 @@ class ControlNetPlugin(ControlNetBase):
             timesteps = torch.tensor([timesteps], dtype=kind, device=device)
         elif timesteps.ndim == 0:
             timesteps = timesteps[None].to(device)
-        emb = self.time_embedding(self.time_proj(timesteps.expand(batch)).to(dtype), call.get("timestep_cond"))
+        emb = self.time_embedding(self.time_proj(timesteps.expand(batch)).to(dtype))
         if self.add_embedding is None:
             return emb
         added = call.get("added_cond_kwargs") or {}

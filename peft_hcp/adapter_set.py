@@ -30,6 +30,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import torch
 from diffusers import ModelMixin
 from huggingface_hub import snapshot_download
 from peft import (
@@ -48,6 +49,8 @@ from torch import nn
 from peft_hcp.base.blocks import BlockLayer
 from peft_hcp.base.components import PLUGIN_COMPONENTS, pipeline_components
 from peft_hcp.base.files import check_adapter_folder, read_safetensors
+from peft_hcp.base.fit import mismatch_error
+from peft_hcp.base.snapshot import all_or_nothing
 from peft_hcp.errors import CheckpointError
 
 
@@ -179,12 +182,16 @@ def load_adapter(
     entries = _renamed(read_set(folder), adapter_name)
     components = pipeline_components(target)
     placed = _place(entries, components)
-    for entry, module in placed:
-        _load_one(module, entry, os.path.join(folder, entry.subfolder) if entry.subfolder else folder, is_trainable)
-    for module in {id(m): m for _, m in placed}.values():
-        loaded = [e.name for e, m in placed if m is module]
-        previous = active_adapters(module)
-        set_adapter(module, list(dict.fromkeys(previous + loaded)), inference_mode=not is_trainable)
+    modules = list({id(m): m for _, m in placed}.values())
+    loaded_into = [w for e, m in placed if e.name in adapter_names(m) for w in _adapter_weights(m, e.name)]
+    with all_or_nothing(*modules, values=loaded_into):  # a refused entry takes the ones before it back
+        for entry, module in placed:
+            folder_of = os.path.join(folder, entry.subfolder) if entry.subfolder else folder
+            _load_one(module, entry, folder_of, is_trainable)
+        for module in modules:
+            loaded = [e.name for e, m in placed if m is module]
+            previous = active_adapters(module)
+            set_adapter(module, list(dict.fromkeys(previous + loaded)), inference_mode=not is_trainable)
     return [entry for entry, _ in placed]
 
 
@@ -243,27 +250,26 @@ def _load_one(module: nn.Module, entry: SetEntry, folder: str, is_trainable: boo
     config: PeftConfig = config_cls.from_pretrained(folder)
     config.inference_mode = not is_trainable
     attach(module, config, entry.name)
-    try:
-        load_adapter_weights(module, entry.name, folder)
-    except Exception:
-        detach(module, entry.name)
-        raise
+    load_adapter_weights(module, entry.name, folder)
 
 
 def load_adapter_weights(module: nn.Module, adapter_name: str, folder: str) -> None:
     """Load a PEFT adapter folder's weights into adapter ``adapter_name``, already attached in place.
 
-    Strict: peft-hcp tuners refuse missing, unknown and mis-shaped weights (naming them); weights that no
-    adapter layer claims are refused here.
+    Strict: peft-hcp tuners refuse missing, unknown and mis-shaped weights (naming them) before copying any;
+    weights that no adapter layer claims are refused here, the adapter's weights put back as they were.
     """
-    weights = read_safetensors(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))
-    result = set_peft_model_state_dict(module, weights, adapter_name=adapter_name)
-    unexpected = list(result.unexpected_keys)
-    if unexpected:
-        raise CheckpointError(
-            f"{folder}: the checkpoint has weights this model's adapter {adapter_name!r} does not have: "
-            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-        )
+    path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+    weights = read_safetensors(path)
+    with all_or_nothing(module, values=_adapter_weights(module, adapter_name)):
+        result = set_peft_model_state_dict(module, weights, adapter_name=adapter_name)
+        if result.unexpected_keys:
+            raise mismatch_error(path, f"this model's adapter {adapter_name!r}", unexpected=result.unexpected_keys)
+
+
+def _adapter_weights(module: nn.Module, adapter_name: str) -> list[torch.Tensor]:
+    """The tensors of adapter ``adapter_name`` of ``module`` (those a load into it writes)."""
+    return list(get_peft_model_state_dict(module, adapter_name=adapter_name, save_embedding_layers=False).values())
 
 
 def attach(module: nn.Module, config: PeftConfig, adapter_name: str) -> None:
@@ -274,18 +280,18 @@ def attach(module: nn.Module, config: PeftConfig, adapter_name: str) -> None:
     adapters active before stay active. A refused attach leaves ``module`` as it was.
     """
     active = active_adapters(module)
-    with warnings.catch_warnings():  # several adapters on one model is the point here
+    with all_or_nothing(module), warnings.catch_warnings():  # several adapters on one model is the point here
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         if isinstance(module, ModelMixin):
-            module.add_adapter(config, adapter_name)  # a refusal is rolled back by the peft-hcp tuner
+            module.add_adapter(config, adapter_name)
         else:
             inject_adapter_in_model(config, module, adapter_name)
             if not isinstance(getattr(module, "peft_config", None), dict):
                 module.peft_config = {}
             module.peft_config[adapter_name] = config
             module._hf_peft_config_loaded = True
-    if active:
-        set_adapter(module, active + [adapter_name], inference_mode=config.inference_mode)
+        if active:
+            set_adapter(module, active + [adapter_name], inference_mode=config.inference_mode)
 
 
 def detach(module: nn.Module, adapter_name: str) -> None:

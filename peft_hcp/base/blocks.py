@@ -76,6 +76,9 @@ class BlockLayer(nn.Module, BaseTunerLayer):
     #: the block and config base classes of this kind; a type's classes must derive from them
     block_base: ClassVar[type[nn.Module]] = WeightedBlock
     config_base: ClassVar[type]
+    #: plain attributes of this layer that an adapter route changes, put back when it fails
+    #: (see :mod:`peft_hcp.base.snapshot`; PEFT's own bookkeeping is covered there)
+    snapshot_attrs: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(
         cls, *, type_name: Optional[str] = None, block_cls: Union[type, LazyClass, None] = None, **kwargs

@@ -9,6 +9,9 @@ that names the file.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
@@ -17,22 +20,35 @@ from safetensors import SafetensorError, safe_open
 from peft_hcp.errors import CheckpointError
 
 
-def read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """All tensors of the safetensors file ``path``; a truncated or malformed file is a ``CheckpointError``."""
+@contextmanager
+def _opened(path: str) -> Iterator[Any]:
+    """``safe_open(path)``, with a truncated or malformed file raised as a ``CheckpointError`` naming it."""
     try:
         with safe_open(path, framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
+            yield handle
     except SafetensorError as exc:
         raise CheckpointError(f"{path} is truncated or not a valid safetensors file: {exc}") from exc
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of the safetensors file ``path``; a truncated or malformed file is a ``CheckpointError``."""
+    with _opened(path) as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
+
+
+def read_shapes(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``path`` as empty ``meta`` tensors of their shapes (reads the header only)."""
+    with _opened(path) as handle:
+        return {
+            key: torch.empty(handle.get_slice(key).get_shape(), device="meta")
+            for key in handle.keys()  # noqa: SIM118 - safe_open is not iterable
+        }
 
 
 def check_safetensors_file(path: str) -> None:
     """Raise :class:`CheckpointError` unless ``path`` is a complete safetensors file (reads only its header)."""
-    try:
-        with safe_open(path, framework="pt"):
-            pass
-    except SafetensorError as exc:
-        raise CheckpointError(f"{path} is truncated or not a valid safetensors file: {exc}") from exc
+    with _opened(path):
+        pass
 
 
 def check_adapter_folder(folder: str) -> None:

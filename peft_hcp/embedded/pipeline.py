@@ -27,6 +27,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from peft_hcp.base.components import pipeline_components
 from peft_hcp.base.files import read_safetensors
+from peft_hcp.base.fit import check_state_dict
 from peft_hcp.embedded.models import tiny_clip_text_model, tiny_unet, tiny_vae
 from peft_hcp.errors import CheckpointError
 
@@ -86,15 +87,7 @@ def load_base_weights(pipe: StableDiffusionPipeline, path: str) -> None:
     for name, model in components.items():
         prefix = f"{name}."
         states[name] = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
-        expected = model.state_dict()
-        missing = sorted(expected.keys() - states[name].keys())
-        unexpected = sorted(states[name].keys() - expected.keys())
-        misshapen = [k for k in expected.keys() & states[name].keys() if expected[k].shape != states[name][k].shape]
-        if missing or unexpected or misshapen:
-            raise CheckpointError(
-                f"{path} does not fit the pipeline's {name}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                f"of another shape {misshapen[:3]} (first three of each)."
-            )
+        check_state_dict(states[name], model.state_dict(), path, f"the pipeline's {name}")
     for name, state in states.items():
         components[name].load_state_dict(state, strict=True)
     pipe.vae.register_to_config(scaling_factor=float(scaling_factor))

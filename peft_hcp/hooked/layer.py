@@ -42,6 +42,7 @@ class HookedPluginLayer(BlockLayer):
 
     block_base: ClassVar[type] = _HookedBlock
     block_cls: ClassVar[type[_HookedBlock]]
+    snapshot_attrs: ClassVar[tuple[str, ...]] = ("_hooks",)
     # a tuner layer that wraps nothing must not resolve `weight` / `bias` through BaseTunerLayer (itself)
     weight = None
     bias = None

@@ -31,6 +31,7 @@ class SinglePluginLayer(HostLayer):
     block_base: ClassVar[type] = SinglePluginBlock
     config_base: ClassVar[type] = HcpSingleConfig
     block_cls: ClassVar[type[SinglePluginBlock]]
+    snapshot_attrs: ClassVar[tuple[str, ...]] = ("_weights_before_merge",)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
         super().__init__(base_layer, adapter_name, config)

@@ -42,6 +42,7 @@ from torch import nn
 
 from peft_hcp.adapter_set import attach
 from peft_hcp.base.config import HcpConfig
+from peft_hcp.base.snapshot import all_or_nothing
 from peft_hcp.errors import PeftHcpError
 
 
@@ -253,17 +254,18 @@ def attach_plugins(components: Mapping[str, nn.Module], entries: list[PluginEntr
     in the message.
     """
     owned: list[list[nn.Parameter]] = []
-    for entry in entries:
-        module = components[entry.component]
-        before = {id(p) for p in module.parameters()}
-        try:
-            attach(module, entry.config, entry.name)
-        except (ValueError, TypeError, NotImplementedError, KeyError) as exc:
-            raise PluginConfigError(f"{entry.label} ({type(entry.config).__name__}): {exc}") from exc
-        params = [p for p in module.parameters() if id(p) not in before]
-        if not params:
-            raise PluginConfigError(f"{entry.label}: the plugin attached but has no parameters to train.")
-        owned.append(params)
+    with all_or_nothing(*components.values()):  # a refused entry takes the ones before it back
+        for entry in entries:
+            module = components[entry.component]
+            before = {id(p) for p in module.parameters()}
+            try:
+                attach(module, entry.config, entry.name)
+            except (ValueError, TypeError, NotImplementedError, KeyError) as exc:
+                raise PluginConfigError(f"{entry.label} ({type(entry.config).__name__}): {exc}") from exc
+            params = [p for p in module.parameters() if id(p) not in before]
+            if not params:
+                raise PluginConfigError(f"{entry.label}: the plugin attached but has no parameters to train.")
+            owned.append(params)
     for module in components.values():
         module.requires_grad_(False)
     groups = []
