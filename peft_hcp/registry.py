@@ -19,10 +19,15 @@ import importlib
 import inspect
 import sys
 from collections.abc import Callable
-from typing import Optional, TypeVar
+from typing import TYPE_CHECKING, Optional, TypeVar
 
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType, register_peft_method
+
+
+if TYPE_CHECKING:  # registry sits below base/: the types only, for the checker
+    from peft_hcp.base.config import HcpConfig
+    from peft_hcp.base.tuner import HcpTuner
 
 
 TYPE_PREFIX = "hcp_"
@@ -37,7 +42,7 @@ def peft_type_for(name: str) -> PeftType:
     member = str.__new__(PeftType, key)
     member._name_ = key
     member._value_ = key
-    member.__objclass__ = PeftType
+    setattr(member, "__objclass__", PeftType)  # noqa: B010 - what Enum sets on its own members
     type.__setattr__(PeftType, key, member)
     PeftType._member_map_[key] = member
     PeftType._value2member_map_[key] = member
@@ -71,7 +76,7 @@ def _same_class(a: type, b: type) -> bool:
     return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
-def bind_type(model_cls: type, config_cls: type) -> None:
+def bind_type(model_cls: type[HcpTuner], config_cls: type[HcpConfig]) -> None:
     """Bind ``config_cls`` to the tuner ``model_cls`` and register the PEFT type named after its layer class.
 
     A tuner class statement calls this through its ``config_cls`` keyword::

@@ -19,12 +19,14 @@ inputs it takes in ``input_keys`` and reads them with :meth:`WeightedBlock.requi
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional, Union
+from collections.abc import Sequence
+from typing import Any, ClassVar, Optional, Union, cast
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from peft_hcp.base.config import HcpConfig
 from peft_hcp.base.feed import COMPILED_INPUTS, ActivationCache, call_state
 from peft_hcp.registry import LazyClass
 
@@ -67,14 +69,25 @@ class WeightedBlock(nn.Module):
         self.scaling = self.base_scaling * float(scale)
 
 
+class HostedBlock(WeightedBlock):
+    """A block that lives on one host module (the single-layer and patch kinds), built from that host and the
+    adapter's config."""
+
+    #: the module types the block attaches to; a selected container attaches it to each such module inside
+    wrapable_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
+
+    def __init__(self, host: nn.Module, config: HcpConfig) -> None:
+        super().__init__()
+
+
 class BlockLayer(nn.Module, BaseTunerLayer):
     """A PEFT tuner layer holding the blocks of one plugin type, keyed by adapter name."""
 
     type_name: ClassVar[str]
-    block_cls: ClassVar[type[nn.Module]]
+    block_cls: ClassVar[type[WeightedBlock]]
     blocks_attr: ClassVar[str]
     #: the block and config base classes of this kind; a type's classes must derive from them
-    block_base: ClassVar[type[nn.Module]] = WeightedBlock
+    block_base: ClassVar[type[WeightedBlock]] = WeightedBlock
     config_base: ClassVar[type]
     #: plain attributes of this layer that an adapter route changes, put back when it fails
     #: (see :mod:`peft_hcp.base.snapshot`; PEFT's own bookkeeping is covered there)
@@ -104,7 +117,7 @@ class BlockLayer(nn.Module, BaseTunerLayer):
         self.add_module(self.blocks_attr, nn.ModuleDict())
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
-        self._active_adapter: list[str] = []
+        self._active_adapter = []
 
     def remove_from(self, model: nn.Module, name: str) -> None:
         """Take this layer (called ``name`` in ``model``) out, restoring what it replaced: per kind."""
@@ -115,9 +128,9 @@ class BlockLayer(nn.Module, BaseTunerLayer):
         """This layer's plugin blocks, keyed by adapter name."""
         return self._modules[self.blocks_attr]  # type: ignore[return-value]
 
-    def _blocks_of(self, adapter_name: str) -> list[WeightedBlock]:
+    def _blocks_of(self, adapter_name: str) -> Sequence[WeightedBlock]:
         """The weighted blocks of ``adapter_name`` here (a kind may hold several per adapter)."""
-        return [self.blocks[adapter_name]] if adapter_name in self.blocks else []
+        return [cast(WeightedBlock, self.blocks[adapter_name])] if adapter_name in self.blocks else []
 
     def set_scale(self, adapter: str, scale: float) -> None:
         for block in self._blocks_of(adapter):

@@ -23,7 +23,7 @@ object back; ``unload`` also unwraps PEFT's ``modules_to_save`` copies, as PEFT'
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Optional, cast
+from typing import Any, Optional, cast
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -46,9 +46,9 @@ class HcpTuner(BaseTuner):
     """Base of every peft-hcp tuner. A concrete one names its layer and config classes, which registers the
     PEFT type: ``class HcpLoraModel(HcpSingleModel, layer_cls=HcpLoraLayer, config_cls=HcpLoraConfig)``."""
 
-    prefix: ClassVar[str]
-    tuner_layer_cls: ClassVar[type[BlockLayer]]
-    target_module_mapping: ClassVar[dict] = {}
+    prefix: str
+    tuner_layer_cls: type[BlockLayer]
+    target_module_mapping: dict[str, list[str]] = {}  # noqa: RUF012 - PEFT's class attribute, never mutated
 
     def __init_subclass__(
         cls, *, layer_cls: Optional[type[BlockLayer]] = None, config_cls: Optional[type] = None, **kwargs
@@ -160,7 +160,7 @@ class HcpTuner(BaseTuner):
         with all_or_nothing(self.model, values=self._host_weights()):
             self._merge_layers(safe_merge, adapter_names)
 
-    def _unload_and_optionally_merge(
+    def _unload_and_optionally_merge(  # type: ignore[override]  # PEFT's base says None; its merge_and_unload returns this
         self,
         merge: bool = True,
         progressbar: bool = False,

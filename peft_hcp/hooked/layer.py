@@ -16,7 +16,7 @@ unloading that other adapter keeps these hooks in place.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, cast
 
 from torch import nn
 
@@ -44,8 +44,8 @@ class HookedPluginLayer(BlockLayer):
     block_cls: ClassVar[type[_HookedBlock]]
     snapshot_attrs: ClassVar[tuple[str, ...]] = ("_hooks",)
     # a tuner layer that wraps nothing must not resolve `weight` / `bias` through BaseTunerLayer (itself)
-    weight = None
-    bias = None
+    weight = None  # type: ignore[assignment]
+    bias = None  # type: ignore[assignment]
 
     def __init__(self) -> None:
         super().__init__()
@@ -186,7 +186,7 @@ class PluginLayer(HookedPluginLayer):
         return blocks, specs
 
     def dispatch(self, adapter_name: str, role: str, idx: int, args: tuple, kwargs: dict, output: Any) -> Any:
-        block = self.blocks[adapter_name][idx]
+        block = cast(PluginBlock, cast(nn.ModuleList, self.blocks[adapter_name])[idx])
         if role == "from":
             block.from_layer_hook(args, kwargs, output)
             return None
@@ -213,7 +213,7 @@ class MultiPluginLayer(HookedPluginLayer):
         return block, specs
 
     def dispatch(self, adapter_name: str, role: str, idx: int, args: tuple, kwargs: dict, output: Any) -> Any:
-        block = self.blocks[adapter_name]
+        block = cast(MultiPluginBlock, self.blocks[adapter_name])
         if role == "from":
             block.from_layer_hook(idx, args, kwargs, output)
             return None

@@ -7,7 +7,7 @@ block_cls=LoraBlock)``.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ class SinglePluginLayer(HostLayer):
     config_base: ClassVar[type] = HcpSingleConfig
     block_cls: ClassVar[type[SinglePluginBlock]]
     snapshot_attrs: ClassVar[tuple[str, ...]] = ("_weights_before_merge",)
+
+    def _block(self, adapter_name: str) -> SinglePluginBlock:
+        return cast(SinglePluginBlock, self.blocks[adapter_name])
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
         super().__init__(base_layer, adapter_name, config)
@@ -59,21 +62,21 @@ class SinglePluginLayer(HostLayer):
             return out
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        host_param = getattr(self.get_base_layer(), self.block_cls.hook_param)
+        host_param = getattr(self.get_base_layer(), cast(str, self.block_cls.hook_param))
         param = host_param
         for block in active:
             param = block(param)
-        return self._forward_with_param(param.to(host_param.dtype), x, args, kwargs)
+        return self._forward_with_param(self._param_path, param.to(host_param.dtype), x, args, kwargs)
 
-    def _forward_with_param(self, param: torch.Tensor, x: Any, args: tuple, kwargs: dict) -> Any:
-        """Run the host with ``param`` in place of its hooked parameter."""
+    def _forward_with_param(self, path: str, param: torch.Tensor, x: Any, args: tuple, kwargs: dict) -> Any:
+        """Run the host with ``param`` in place of its hooked parameter (at ``path`` from this layer)."""
         base = self.base_layer
-        if self._param_path == "weight" and not args and not kwargs:
+        if path == "weight" and not args and not kwargs:
             if type(base) is nn.Linear:
                 return F.linear(x, param, base.bias)
             if type(base) is nn.Conv2d:
                 return base._conv_forward(x, param, base.bias)
-        return torch.func.functional_call(base, {self._param_path: param}, (x, *args), kwargs)
+        return torch.func.functional_call(base, {path: param}, (x, *args), kwargs)
 
     # -- merging -------------------------------------------------------------------------------
 
@@ -83,15 +86,16 @@ class SinglePluginLayer(HostLayer):
         params: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name in adapter_names:
-                block = self.blocks[name]
+                block = self._block(name)
                 weight_name = block.hook_param or "weight"
                 weight = params.get(weight_name, getattr(host, weight_name).data)
                 params[weight_name] = block.merged_weight(weight).to(weight.dtype)
                 bias_delta = block.get_delta_bias()
                 if bias_delta is not None:
-                    if getattr(host, "bias", None) is None:
+                    host_bias = getattr(host, "bias", None)
+                    if not isinstance(host_bias, torch.Tensor):
                         raise ValueError(f"{type(block).__name__} has a bias but its host has none to merge it into.")
-                    params["bias"] = params.get("bias", host.bias.data) + bias_delta.detach().to(host.bias.dtype)
+                    params["bias"] = params.get("bias", host_bias.data) + bias_delta.detach().to(host_bias.dtype)
         return params
 
     def adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
@@ -131,5 +135,6 @@ class SinglePluginLayer(HostLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """PEFT's name for the weight change adapter ``adapter_name`` makes."""
-        weight = getattr(self.get_base_layer(), self.blocks[adapter_name].hook_param or "weight").data
-        return self.blocks[adapter_name].merged_weight(weight) - weight
+        block = self._block(adapter_name)
+        weight = getattr(self.get_base_layer(), block.hook_param or "weight").data
+        return block.merged_weight(weight) - weight

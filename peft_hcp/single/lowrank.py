@@ -137,7 +137,7 @@ class LowRankBlock(SinglePluginBlock):
         return all(v == p or (d == dim and v <= p) for d, (v, p) in enumerate(zip(value.shape, param.shape)))
 
     def _needed_shape(self, name: str, value: torch.Tensor) -> str:
-        shape = list(self.get_parameter(name).shape)
+        shape: list[Union[int, str]] = list(self.get_parameter(name).shape)
         dim = self.rank_dims.get(name)
         if dim is not None:
             shape[dim] = f"≤{shape[dim]}"
