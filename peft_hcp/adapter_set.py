@@ -176,13 +176,14 @@ def load_adapter(
 
     ``adapter_name`` renames: a string when the set has one adapter name, or a ``{saved: new}`` dict.
     Local folders and Hub repo ids go through the same code (``revision``/``token`` are passed to the
-    Hub). Returns the loaded entries, with their names as loaded.
+    Hub). Returns the loaded entries, with their names as loaded. All or nothing: an entry that is refused
+    (its weights do not fit, its type is unknown) leaves the pipeline or model as it was.
     """
     folder = resolve_source(path_or_repo_id, revision, token, cache_dir, local_files_only)
     entries = _renamed(read_set(folder), adapter_name)
     components = pipeline_components(target)
     placed = _place(entries, components)
-    modules = list({id(m): m for _, m in placed}.values())
+    modules = list(dict.fromkeys(m for _, m in placed))
     loaded_into = [w for e, m in placed if e.name in adapter_names(m) for w in _adapter_weights(m, e.name)]
     with all_or_nothing(*modules, values=loaded_into):  # a refused entry takes the ones before it back
         for entry, module in placed:
