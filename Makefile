@@ -13,10 +13,10 @@ quality:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy
-	$(PYTHON) -m mkdocs build --strict
+	$(PYTHON) -m mkdocs build --strict --quiet
 
 test:
 	$(PYTHON) -m pytest -q
 
 docs:
-	$(PYTHON) -m mkdocs build --strict
+	$(PYTHON) -m mkdocs build --strict --quiet
