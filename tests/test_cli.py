@@ -95,7 +95,9 @@ def test_a_command_registers_the_types_it_loads(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[-1] == str(out)
     names = {key.rsplit(".", 2)[0] for key in load_file(str(out))}
-    assert len(names) == len(hosts) > 0 and all(name.startswith("lora_unet_") and name.endswith("attn1_to_q") for name in names)
+    assert len(names) == len(hosts) > 0 and all(
+        name.startswith("lora_unet_") and name.endswith("attn1_to_q") for name in names
+    )
 
 
 def test_import_registers_every_bundled_type_without_the_controlnet_model_code():

@@ -66,8 +66,8 @@ def sample(adapter: str, settings: dict) -> list[str]:
     """Render ``settings['prompt']`` x ``settings['seeds']`` with the adapter; returns the written files."""
     from PIL import Image
 
-    from peft_hcp.adapters import register_bundled
     from peft_hcp.adapter_set import load_adapter
+    from peft_hcp.adapters import register_bundled
     from peft_hcp.embedded.pipeline import default_resolution, load_pipeline
     from peft_hcp.train.checkpoint import STATE_NAME
     from peft_hcp.train.data import to_tensor
