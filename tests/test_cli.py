@@ -69,6 +69,37 @@ def test_console_script_help_imports_neither_torch_nor_peft():
     assert json.loads(done.stdout.splitlines()[-1]) == {"code": 0, "heavy": []}
 
 
+def test_a_command_registers_the_types_it_loads(tmp_path):
+    """In the command's own process, where ``import peft_hcp`` does not register, ``export`` loads a saved LoRA
+    set (which needs ``HCP_LORA`` registered) and writes its kohya file."""
+    from safetensors.torch import load_file
+
+    from peft_hcp import HcpLoraConfig, save_adapter
+    from peft_hcp.adapter_set import attach
+    from peft_hcp.embedded import embedded_pipeline
+
+    pipe = embedded_pipeline()
+    hosts = [name for name, _ in pipe.unet.named_modules() if name.endswith("attn1.to_q")]
+    attach(pipe.unet, HcpLoraConfig(target_modules=["re:.*attn1.to_q$"], init_weights=False), "style")
+    save_adapter(pipe, str(tmp_path / "set"))
+    out = tmp_path / "lora.safetensors"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.argv[0] = "/usr/local/bin/peft-hcp"
+        from peft_hcp.cli import main
+        sys.exit(main(["export", {str(tmp_path / "set")!r}, "--format", "kohya", "--out", {str(out)!r}]))
+        """
+    )
+    done = _python("-c", script, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == str(out)
+    names = {key.rsplit(".", 2)[0] for key in load_file(str(out))}
+    assert len(names) == len(hosts) > 0 and all(
+        name.startswith("lora_unet_") and name.endswith("attn1_to_q") for name in names
+    )
+
+
 def test_import_registers_every_bundled_type_without_the_controlnet_model_code():
     script = textwrap.dedent(
         """
@@ -83,7 +114,8 @@ def test_import_registers_every_bundled_type_without_the_controlnet_model_code()
         after_config = loaded()
         plugin = config.plugin_cls  # the block class: its module loads now
         print(json.dumps({"registered": registered, "before": before, "after_config": after_config,
-                          "plugin": f"{plugin.__module__}.{plugin.__name__}", "all": sorted(peft_hcp.__all__)}))
+                          "plugin": f"{plugin.__module__}.{plugin.__name__}", "all": sorted(peft_hcp.__all__),
+                          "submodule": peft_hcp.hub.push_adapter is peft_hcp.push_adapter}))
         """
     )
     done = _python("-c", script, timeout=300)
@@ -94,6 +126,7 @@ def test_import_registers_every_bundled_type_without_the_controlnet_model_code()
     assert found["before"] == found["after_config"] == []  # neither ours nor diffusers' ControlNets
     assert found["plugin"] == "peft_hcp.adapters.controlnet_dit.FluxControlNetPlugin"
     assert {"HcpLoraConfig", "ControlNetPlugin", "load_adapter", "wrap_model", "PeftHcpError"} <= set(found["all"])
+    assert found["submodule"]  # a subpackage is an attribute, as when the package imported everything
 
 
 @pytest.mark.parametrize(

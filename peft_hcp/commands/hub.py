@@ -67,9 +67,10 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _pipeline(pretrained_model):
-    import peft_hcp.adapters  # noqa: F401  (registers the bundled plugin types)
+    from peft_hcp.adapters import register_bundled
     from peft_hcp.embedded.pipeline import load_pipeline
 
+    register_bundled()
     return load_pipeline(pretrained_model)
 
 

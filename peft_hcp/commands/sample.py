@@ -66,13 +66,14 @@ def sample(adapter: str, settings: dict) -> list[str]:
     """Render ``settings['prompt']`` x ``settings['seeds']`` with the adapter; returns the written files."""
     from PIL import Image
 
-    import peft_hcp.adapters  # noqa: F401  (registers the bundled plugin types)
     from peft_hcp.adapter_set import load_adapter
+    from peft_hcp.adapters import register_bundled
     from peft_hcp.embedded.pipeline import default_resolution, load_pipeline
     from peft_hcp.train.checkpoint import STATE_NAME
     from peft_hcp.train.data import to_tensor
     from peft_hcp.train.sampling import grid, needs_condition, render_off_on
 
+    register_bundled()
     if not os.path.isdir(adapter):
         raise FileNotFoundError(f"--adapter {adapter!r} is not a folder.")
     recorded = {}

@@ -19,10 +19,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import peft_hcp.adapters  # noqa: F401  (registers the bundled plugin types)
+    from peft_hcp.adapters import register_bundled
     from peft_hcp.train.settings import load_settings
     from peft_hcp.train.trainer import LOG_NAME, train
 
+    register_bundled()
     result = train(load_settings(args.config, args.overrides))
     if not result.main_process:
         return 0
