@@ -10,9 +10,10 @@ from typing import ClassVar, Optional
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 from peft import PeftConfig
-from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from peft_hcp.base.files import check_adapter_folder, check_safetensors_file
+from peft_hcp.base.preflight import remember_checkpoint
 from peft_hcp.errors import CheckpointError
 from peft_hcp.registry import peft_type_for
 from peft_hcp.selectors import parse_selectors
@@ -70,19 +71,30 @@ class HcpConfig(PeftConfig):
         """PEFT's loader, after checking that the weights beside the config are whole safetensors.
 
         The config is marked ``awaiting_checkpoint`` (not saved): an adapter attached with it is removed again
-        if its checkpoint's weights are refused (see :mod:`peft_hcp.base.tuner`).
+        if its checkpoint's weights are refused (see :mod:`peft_hcp.base.tuner`). It also remembers its weights
+        file, which what it builds is checked against before it is attached (:mod:`peft_hcp.base.preflight`). A
+        config file whose values do not make a config is a ``CheckpointError``.
         """
-        _check_weights_source(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        weights = _check_weights_source(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError) as exc:
+            where = os.path.join(pretrained_model_name_or_path, subfolder or "", CONFIG_NAME)
+            raise CheckpointError(f"{where}: cannot be read as a {cls.__name__}: {exc}") from exc
         config.awaiting_checkpoint = True
+        remember_checkpoint(config, weights)
         return config
 
 
-def _check_weights_source(source: str, subfolder: Optional[str], hub_kwargs: dict) -> None:
+def _check_weights_source(source: str, subfolder: Optional[str], hub_kwargs: dict) -> Optional[str]:
+    """The adapter's safetensors file, checked whole (``None`` where there is none, or no repo to reach)."""
     folder = os.path.join(source, subfolder) if subfolder else source
     if os.path.isdir(folder):
         check_adapter_folder(folder)
-        return
+        weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+        return weights if os.path.isfile(weights) else None
     filename = f"{subfolder}/{SAFETENSORS_WEIGHTS_NAME}" if subfolder else SAFETENSORS_WEIGHTS_NAME
     hub_kwargs = {k: v for k, v in hub_kwargs.items() if k != "subfolder"}
     try:
@@ -92,5 +104,6 @@ def _check_weights_source(source: str, subfolder: Optional[str], hub_kwargs: dic
             f"{source} has no {filename}; peft-hcp loads adapter weights from safetensors only."
         ) from exc
     except Exception:  # noqa: BLE001 - not a repo we can reach: PEFT reports it in its own words
-        return
+        return None
     check_safetensors_file(path)
+    return path

@@ -30,6 +30,8 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from peft_hcp.base.blocks import BlockLayer
+from peft_hcp.base.names import check_adapter_name
+from peft_hcp.base.preflight import check_pending
 from peft_hcp.base.snapshot import ModelSnapshot
 from peft_hcp.errors import CheckpointError, few
 from peft_hcp.registry import bind_type
@@ -84,6 +86,8 @@ class HcpTuner(BaseTuner):
         targeted = list(self.targeted_module_names)
         config = self.peft_config[adapter_name]
         try:
+            check_adapter_name(adapter_name)
+            check_pending(model, config, adapter_name)  # a config read from a folder: does it fit the file?
             self._check_host(model, config)
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except BaseException:
