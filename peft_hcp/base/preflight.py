@@ -89,15 +89,13 @@ def meta_twins(modules: Sequence[nn.Module]) -> list[nn.Module]:
             )
         return done[id(tensor)]
 
-    def twin_of(module: Optional[nn.Module]) -> Optional[nn.Module]:
-        if module is None:
-            return None
+    def twin_of(module: nn.Module) -> nn.Module:
         if id(module) not in done:
             twin = done[id(module)] = type(module).__new__(type(module))
             state = {k: type(v)(v) if type(v) in _MUTABLE else v for k, v in vars(module).items()}
             state["_parameters"] = {k: meta(v) for k, v in module._parameters.items()}
             state["_buffers"] = {k: meta(v) for k, v in module._buffers.items()}
-            state["_modules"] = {k: twin_of(v) for k, v in module._modules.items()}
+            state["_modules"] = {k: None if v is None else twin_of(v) for k, v in module._modules.items()}
             twin.__dict__.update(state)
         return done[id(module)]
 
