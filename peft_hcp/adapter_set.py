@@ -27,7 +27,6 @@ import copy
 import json
 import os
 import warnings
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -47,26 +46,26 @@ from safetensors.torch import save_file
 from torch import nn
 
 from peft_hcp.base.blocks import BlockLayer
-from peft_hcp.base.components import PLUGIN_COMPONENTS, pipeline_components
-from peft_hcp.base.files import check_adapter_folder, read_safetensors
+from peft_hcp.base.components import pipeline_components
+from peft_hcp.base.config import HcpConfig
+from peft_hcp.base.files import check_adapter_folder, read_header, read_safetensors
 from peft_hcp.base.fit import mismatch_error
+from peft_hcp.base.names import check_adapter_name, is_inside
+from peft_hcp.base.preflight import blamed_on, fit_header, rehearse
 from peft_hcp.base.snapshot import all_or_nothing
 from peft_hcp.errors import CheckpointError
+from peft_hcp.manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    PLUGIN_COMPONENTS,
+    SetEntry,
+    peft_type_of,
+    read_set,
+)
 
 
-MANIFEST_NAME = "adapter_set.json"
-MANIFEST_FORMAT = "peft-hcp-adapter-set"
 _PEFT_PREFIX = "base_model.model."
-
-
-@dataclass(frozen=True)
-class SetEntry:
-    """One adapter of a set: where it lives on the model and in the folder."""
-
-    component: str  # "" for a bare model
-    name: str
-    subfolder: str  # relative to the set's root, "" for the root itself
-    peft_type: str
 
 
 def adapter_names(module: nn.Module) -> list[str]:
@@ -77,19 +76,30 @@ def adapter_names(module: nn.Module) -> list[str]:
 def save_adapter(target, save_directory: str, adapter_names_: Optional[list[str]] = None) -> list[SetEntry]:
     """Save every adapter of a pipeline or model (or only ``adapter_names_``) as an adapter set.
 
-    Returns the entries written to the manifest. Raises ``ValueError`` when there is nothing to save.
+    Returns the entries written to the manifest. Raises ``ValueError`` when there is nothing to save, and,
+    before writing anything, when an adapter name is not a plain name or a file would land outside
+    ``save_directory`` (a symbolic link already there).
     """
-    entries: list[SetEntry] = []
+    planned: list[tuple[nn.Module, SetEntry]] = []
     for component, module in pipeline_components(target).items():
         names = [n for n in adapter_names(module) if adapter_names_ is None or n in adapter_names_]
         for name in names:
+            check_adapter_name(name)
             sub = component if len(names) == 1 else "/".join(p for p in (component, name) if p)
-            _save_one(module, name, os.path.join(save_directory, sub))
-            entries.append(SetEntry(component, name, sub, str(module.peft_config[name].peft_type.value)))
-    if not entries:
+            planned.append((module, SetEntry(component, name, sub, str(module.peft_config[name].peft_type.value))))
+    if not planned:
         wanted = f" named {adapter_names_}" if adapter_names_ else ""
         raise ValueError(f"{type(target).__name__} carries no adapters{wanted} to save.")
-    manifest = {"format": MANIFEST_FORMAT, "version": 1, "adapters": [e.__dict__ for e in entries]}
+    files = [MANIFEST_NAME] + [
+        os.path.join(entry.subfolder, name) for _, entry in planned for name in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
+    ]
+    outside = [f for f in files if not is_inside(save_directory, os.path.join(save_directory, f))]
+    if outside:
+        raise ValueError(f"Saving to {save_directory} would write {outside[0]} outside it (a symbolic link?).")
+    for module, entry in planned:
+        _save_one(module, entry.name, os.path.join(save_directory, entry.subfolder))
+    entries = [entry for _, entry in planned]
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "adapters": [e.__dict__ for e in entries]}
     with open(os.path.join(save_directory, MANIFEST_NAME), "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=2)
     return entries
@@ -105,40 +115,6 @@ def _save_one(module: nn.Module, name: str, folder: str) -> None:
         state = {_PEFT_PREFIX + key: value for key, value in state.items()}
     state = {key: value.detach().contiguous() for key, value in state.items()}
     save_file(state, os.path.join(folder, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-
-
-def read_set(folder: str) -> list[SetEntry]:
-    """The entries of the set in ``folder``: from its manifest, or found by its adapter folders."""
-    manifest = os.path.join(folder, MANIFEST_NAME)
-    if os.path.isfile(manifest):
-        with open(manifest, encoding="utf-8") as handle:
-            data = json.load(handle)
-        if data.get("format") != MANIFEST_FORMAT:
-            raise CheckpointError(f"{manifest} is not a peft-hcp adapter set manifest.")
-        return [SetEntry(**entry) for entry in data["adapters"]]
-    entries = []
-    for root, _, files in sorted(os.walk(folder)):
-        if CONFIG_NAME not in files:
-            continue
-        parts = [] if root == folder else os.path.relpath(root, folder).split(os.sep)
-        if len(parts) > 2:
-            continue
-        component = parts[0] if parts and parts[0] in PLUGIN_COMPONENTS else ""
-        rest = parts[1:] if component else parts
-        name = rest[0] if rest else "default"
-        entries.append(SetEntry(component, name, "/".join(parts), _peft_type_of(root)))
-    if not entries:
-        raise CheckpointError(f"{folder} holds no {CONFIG_NAME} and no {MANIFEST_NAME}: it is not an adapter folder.")
-    return entries
-
-
-def _peft_type_of(folder: str) -> str:
-    path = os.path.join(folder, CONFIG_NAME)
-    with open(path, encoding="utf-8") as handle:
-        peft_type = json.load(handle).get("peft_type")
-    if not isinstance(peft_type, str) or not peft_type:
-        raise CheckpointError(f"{path} has no 'peft_type': it does not say which adapter type it configures.")
-    return peft_type
 
 
 def resolve_source(
@@ -183,12 +159,13 @@ def load_adapter(
     entries = _renamed(read_set(folder), adapter_name)
     components = pipeline_components(target)
     placed = _place(entries, components)
+    leaves = [os.path.join(folder, entry.subfolder) if entry.subfolder else folder for entry, _ in placed]
+    configs = _check_set(placed, leaves, folder)  # every leaf against its weights, before anything is attached
     modules = list(dict.fromkeys(m for _, m in placed))
     loaded_into = [w for e, m in placed if e.name in adapter_names(m) for w in _adapter_weights(m, e.name)]
     with all_or_nothing(*modules, values=loaded_into):  # a refused entry takes the ones before it back
-        for entry, module in placed:
-            folder_of = os.path.join(folder, entry.subfolder) if entry.subfolder else folder
-            _load_one(module, entry, folder_of, is_trainable)
+        for (entry, module), leaf, config in zip(placed, leaves, configs):
+            _load_one(module, entry, leaf, config, is_trainable)
         for module in modules:
             loaded = [e.name for e, m in placed if m is module]
             previous = active_adapters(module)
@@ -218,37 +195,80 @@ def _place(entries: list[SetEntry], components: dict[str, nn.Module]) -> list[tu
     if list(components) == [""]:
         saved = sorted({e.component for e in entries})
         if len(saved) > 1:
-            raise ValueError(
+            raise CheckpointError(
                 f"The adapter set holds adapters for the components {saved}; load it into the pipeline, "
                 "not into one model."
             )
         return [(entry, components[""]) for entry in entries]
     missing = sorted({e.component or "<model>" for e in entries if e.component not in components})
     if missing:
-        raise ValueError(
+        raise CheckpointError(
             f"The adapter set holds adapters for {missing}, which this pipeline does not have "
             f"(it has {sorted(components)})."
         )
     return [(entry, components[entry.component]) for entry in entries]
 
 
-def _load_one(module: nn.Module, entry: SetEntry, folder: str, is_trainable: bool) -> None:
+def _check_set(placed: list[tuple[SetEntry, nn.Module]], leaves: list[str], folder: str) -> list[Optional[PeftConfig]]:
+    """Check every leaf folder, and rehearse every config against its weights file, before anything is attached.
+
+    The configs are attached in order to meta twins of their modules (:mod:`peft_hcp.base.preflight`), so a set
+    that does not fit, in any leaf, is refused whole with the model as it was. Returns each leaf's config
+    (``None`` for a ``PeftModel``, which reads its folder itself and is checked as it attaches).
+    """
+    for entry, _ in placed:
+        check_adapter_name(entry.name)  # a name given by adapter_name=
+    configs = [_leaf_config(module, entry, leaf) for (entry, module), leaf in zip(placed, leaves)]
+    checked = [
+        (entry, module, config, leaf) for (entry, module), leaf, config in zip(placed, leaves, configs) if config
+    ]
+    headers = [read_header(os.path.join(leaf, SAFETENSORS_WEIGHTS_NAME)) for *_, leaf in checked]
+    modules = list({id(module): module for _, module, *_ in checked}.values())
+
+    def step(twins: list[nn.Module]) -> None:
+        twin_of = {id(module): twin for module, twin in zip(modules, twins)}
+        for (entry, module, config, leaf), header in zip(checked, headers):
+            path = os.path.join(leaf, SAFETENSORS_WEIGHTS_NAME)
+            with blamed_on(path):
+                fit_header(twin_of[id(module)], config, entry.name, header, path)
+
+    rehearse(modules, step, folder, sum(map(len, headers)))
+    return configs
+
+
+def _leaf_config(module: nn.Module, entry: SetEntry, folder: str) -> Optional[PeftConfig]:
+    """Check one leaf folder and read its config (``None`` for a ``PeftModel``, which reads it itself)."""
     check_adapter_folder(folder)
     if not os.path.isfile(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)):
         raise CheckpointError(f"{folder} has no {SAFETENSORS_WEIGHTS_NAME}.")
     if isinstance(module, PeftModel):
-        module.load_adapter(folder, adapter_name=entry.name, is_trainable=is_trainable)
-        return
+        return None
     if entry.name in adapter_names(module):
         raise ValueError(f"{type(module).__name__} already has an adapter named {entry.name!r}; pass adapter_name.")
-    peft_type = _peft_type_of(folder)  # the folder's own config is authoritative, not the manifest
+    peft_type = peft_type_of(folder)  # the folder's own config is authoritative, not the manifest
     config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
     if config_cls is None:
         raise CheckpointError(
             f"{folder} holds an adapter of type {peft_type!r}, which is not registered in this process. "
             "Import the package that defines it first (`import peft_hcp` for the bundled types)."
         )
-    config: PeftConfig = config_cls.from_pretrained(folder)
+    try:
+        config: PeftConfig = config_cls.from_pretrained(folder)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as exc:  # PEFT's own types: a value its config refuses
+        raise CheckpointError(f"{folder}/{CONFIG_NAME}: cannot be read as a {config_cls.__name__}: {exc}") from exc
+    if isinstance(config, HcpConfig):
+        config.checkpoint_file = None  # checked with the whole set (_check_set)
+    return config
+
+
+def _load_one(
+    module: nn.Module, entry: SetEntry, folder: str, config: Optional[PeftConfig], is_trainable: bool
+) -> None:
+    if config is None:
+        module.load_adapter(folder, adapter_name=entry.name, is_trainable=is_trainable)
+        return
     config.inference_mode = not is_trainable
     attach(module, config, entry.name)
     load_adapter_weights(module, entry.name, folder)
@@ -278,8 +298,10 @@ def attach(module: nn.Module, config: PeftConfig, adapter_name: str) -> None:
 
     diffusers models go through their own ``add_adapter``; other models (a transformers text encoder)
     get the same bookkeeping, which diffusers' pipeline ``set_adapters``/``delete_adapters`` read. The
-    adapters active before stay active. A refused attach leaves ``module`` as it was.
+    adapters active before stay active. A refused attach leaves ``module`` as it was; ``adapter_name`` must be
+    a plain name (:func:`~peft_hcp.base.names.check_adapter_name`).
     """
+    check_adapter_name(adapter_name)
     active = active_adapters(module)
     with all_or_nothing(module), warnings.catch_warnings():  # several adapters on one model is the point here
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")

@@ -31,6 +31,16 @@ class CheckpointError(PeftHcpError, ValueError):
     """An adapter checkpoint is corrupted, pickled, or made for a model of another shape."""
 
 
+#: every error type above: what a refused load of a downloaded adapter file raises (see docs/untrusted.md)
+PEFT_HCP_ERRORS = (
+    CheckpointError,
+    SelectorSyntaxError,
+    SelectorMatchError,
+    UnsupportedLayerError,
+    MergeNotSupportedError,
+)
+
+
 def few(items: list[str], limit: int = 5) -> str:
     """``items`` for an error message: the first ``limit``, then how many more."""
     if not items:

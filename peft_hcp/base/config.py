@@ -10,7 +10,7 @@ from typing import ClassVar, Optional
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 from peft import PeftConfig
-from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from peft_hcp.base.files import check_adapter_folder, check_safetensors_file
 from peft_hcp.errors import CheckpointError
@@ -83,9 +83,17 @@ class HcpConfig(PeftConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         """PEFT's loader, after checking that the weights beside the config are whole safetensors; the
-        config's ``checkpoint_file`` names them."""
+        config's ``checkpoint_file`` names them, and what it builds is checked against that file before it is
+        attached (:mod:`peft_hcp.base.preflight`). A config file whose values do not make a config is a
+        ``CheckpointError``."""
         weights = _check_weights_source(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError) as exc:
+            where = os.path.join(pretrained_model_name_or_path, subfolder or "", CONFIG_NAME)
+            raise CheckpointError(f"{where}: cannot be read as a {cls.__name__}: {exc}") from exc
         config.checkpoint_file = weights
         return config
 

@@ -20,6 +20,26 @@ from safetensors import SafetensorError, safe_open
 from peft_hcp.errors import CheckpointError
 
 
+#: safetensors' dtype names (``get_dtype()``) and PyTorch's types
+_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
 @contextmanager
 def _opened(path: str) -> Iterator[Any]:
     """``safe_open(path)``, with a truncated or malformed file raised as a ``CheckpointError`` naming it."""
@@ -36,13 +56,21 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
         return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
 
 
-def read_shapes(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of the safetensors file ``path`` as empty ``meta`` tensors of their shapes (reads the header only)."""
+def read_header(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``path`` as empty ``meta`` tensors of their shapes and dtypes.
+
+    Only the header is read (``get_slice(...).get_shape()``), so this costs no memory whatever the file
+    claims; a malformed header, or a dtype PyTorch does not have, is a ``CheckpointError``.
+    """
     with _opened(path) as handle:
-        return {
-            key: torch.empty(handle.get_slice(key).get_shape(), device="meta")
-            for key in handle.keys()  # noqa: SIM118 - safe_open is not iterable
-        }
+        slices = {key: handle.get_slice(key) for key in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
+        try:
+            return {
+                key: torch.empty(part.get_shape(), dtype=_DTYPES[part.get_dtype()], device="meta")
+                for key, part in slices.items()
+            }
+        except KeyError as exc:
+            raise CheckpointError(f"{path} holds a tensor of dtype {exc}, which PyTorch has no type for.") from exc
 
 
 def check_safetensors_file(path: str) -> None:

@@ -19,16 +19,27 @@ def check_state_dict(
     found: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str, target: str
 ) -> None:
     """Raise :class:`CheckpointError` unless ``found`` (the weights of ``source``) has exactly the keys of
-    ``expected`` (those of ``target``), each of the same shape."""
+    ``expected`` (those of ``target``), each of the same shape and kind (floating point or not; the dtype is named
+    where that is what differs)."""
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
     misshapen = [
-        f"{key}: checkpoint {tuple(found[key].shape)} vs model {tuple(expected[key].shape)}"
+        f"{key}: checkpoint {_described(found[key], expected[key])} vs model {_described(expected[key], found[key])}"
         for key in sorted(expected.keys() & found.keys())
-        if found[key].shape != expected[key].shape
+        if not _fits(found[key], expected[key])
     ]
     if missing or unexpected or misshapen:
         raise mismatch_error(source, target, missing=missing, unexpected=unexpected, misshapen=misshapen)
+
+
+def _fits(found: torch.Tensor, expected: torch.Tensor) -> bool:
+    return found.shape == expected.shape and found.dtype.is_floating_point == expected.dtype.is_floating_point
+
+
+def _described(tensor: torch.Tensor, other: torch.Tensor) -> str:
+    """``tensor``'s shape, and its dtype where that is what differs from ``other``'s."""
+    shape = str(tuple(tensor.shape))
+    return shape if tensor.shape != other.shape else f"{shape} {str(tensor.dtype).removeprefix('torch.')}"
 
 
 def mismatch_error(

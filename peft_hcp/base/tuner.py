@@ -32,8 +32,9 @@ from torch import nn
 
 from peft_hcp.base.blocks import BlockLayer
 from peft_hcp.base.config import HcpConfig
-from peft_hcp.base.files import read_shapes
 from peft_hcp.base.fit import check_state_dict
+from peft_hcp.base.names import check_adapter_name
+from peft_hcp.base.preflight import check_against_file
 from peft_hcp.base.snapshot import all_or_nothing
 from peft_hcp.registry import bind_type
 
@@ -82,15 +83,15 @@ class HcpTuner(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         """PEFT's ``inject_adapter``, all or nothing: a refusal leaves ``model`` as it was. A config read from a
-        checkpoint has that checkpoint checked against the new adapter before the attach counts."""
+        checkpoint is first checked against that checkpoint's header, before anything is allocated."""
         config = cast(HcpConfig, self.peft_config[adapter_name])
         with all_or_nothing(self, model) as before:
             before.forget_adapter(adapter_name, self, model)  # PEFT (and diffusers) announced it already
+            check_adapter_name(adapter_name)
+            if config.checkpoint_file is not None:
+                check_against_file(model, config, adapter_name, config.checkpoint_file)
             self._check_host(model, config)
             super().inject_adapter(model, adapter_name, *args, **kwargs)
-            if config.checkpoint_file is not None:
-                shapes = read_shapes(config.checkpoint_file)
-                self._check_checkpoint(model, config, adapter_name, shapes, config.checkpoint_file)
 
     def _check_host(self, model: nn.Module, config: Any) -> None:
         """Refuse a model this kind cannot attach to, before anything changes: per kind."""

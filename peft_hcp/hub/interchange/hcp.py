@@ -79,7 +79,7 @@ def import_hcp(target, path: str, adapter_name: str = "default", is_trainable: b
         labels[name] = f"{layer} ({name})"
     if block_cls is None:
         raise CheckpointError(f"{path} holds no plugin tensors.")
-    return install_layers(components, by_component, labels, block_cls, adapter_name, is_trainable)
+    return install_layers(components, by_component, labels, block_cls, adapter_name, is_trainable, path)
 
 
 def _place(layer: str, components: dict[str, nn.Module]) -> tuple[str, str] | None:
