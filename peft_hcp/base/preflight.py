@@ -170,5 +170,5 @@ def fit_header(twin: nn.Module, config: Any, adapter_name: str, header: dict[str
     expected = get_peft_model_state_dict(twin, adapter_name=adapter_name, save_embedding_layers=False)
     found = {key.removeprefix(_PEFT_PREFIX): value for key, value in header.items()}
     check_state_dict(
-        found, expected, path, f"the adapter {adapter_name!r} its config builds on this {type(twin).__name__}"
+        found, expected, path, f"what its config builds on this {type(twin).__name__} as adapter {adapter_name!r}"
     )
