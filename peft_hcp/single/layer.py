@@ -69,9 +69,12 @@ class SinglePluginLayer(HostLayer):
         return self._forward_with_param(param.to(host_param.dtype), x, args, kwargs)
 
     def _forward_with_param(self, param: torch.Tensor, x: Any, args: tuple, kwargs: dict) -> Any:
-        """Run the host with ``param`` in place of its hooked parameter."""
+        """Run the host with ``param`` in place of its hooked parameter. The direct ``F.linear`` / conv call
+        skips the host's own hooks, so it is taken only for a host without any (a cross-layer plugin reading
+        or changing that layer has put its hooks there)."""
         base = self.base_layer
-        if self._param_path == "weight" and not args and not kwargs:
+        hooked = base._forward_hooks or base._forward_pre_hooks
+        if self._param_path == "weight" and not args and not kwargs and not hooked:
             if type(base) is nn.Linear:
                 return F.linear(x, param, base.bias)
             if type(base) is nn.Conv2d:
