@@ -71,6 +71,17 @@ def register_tuner(name: str, config_cls: type, model_cls: type) -> PeftType:
     return peft_type
 
 
+def registered_types() -> dict[str, type]:
+    """Every registered peft-hcp type, ``{type name: config class}``, in registration order (the bundled
+    types on ``import peft_hcp``, then user plugins as their modules are imported)."""
+    prefix = TYPE_PREFIX.upper()
+    return {
+        peft_type.value.lower(): config_cls
+        for peft_type, config_cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()
+        if peft_type.value.startswith(prefix)
+    }
+
+
 def _same_class(a: type, b: type) -> bool:
     """True for the same class, or the same class defined again by a module reload."""
     return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)

@@ -69,9 +69,12 @@ class SinglePluginLayer(HostLayer):
         return self._forward_with_param(self._param_path, param.to(host_param.dtype), x, args, kwargs)
 
     def _forward_with_param(self, path: str, param: torch.Tensor, x: Any, args: tuple, kwargs: dict) -> Any:
-        """Run the host with ``param`` in place of its hooked parameter (at ``path`` from this layer)."""
+        """Run the host with ``param`` in place of its hooked parameter (at ``path`` from this layer). The direct
+        ``F.linear`` / conv call skips the host's own hooks, so it is taken only for a host without any (a
+        cross-layer plugin reading or changing that layer has put its hooks there)."""
         base = self.base_layer
-        if path == "weight" and not args and not kwargs:
+        hooked = base._forward_hooks or base._forward_pre_hooks
+        if path == "weight" and not args and not kwargs and not hooked:
             if type(base) is nn.Linear:
                 return F.linear(x, param, base.bias)
             if type(base) is nn.Conv2d:
