@@ -31,6 +31,7 @@ from peft_hcp import (
     SinglePluginBlock,
     register_single_plugin,
 )
+from peft_hcp.adapter_set import attach as attach_in_place
 from peft_hcp.base.blocks import BlockLayer
 from peft_hcp.base.feed import fed_plugins
 from peft_hcp.embedded import tiny_unet
@@ -106,7 +107,7 @@ def test_a_type_registered_by_a_user_is_in_the_matrix():
 
 
 def _routes(case: Case) -> list[str]:
-    routes = ["get_peft_model", "PeftModel.add_adapter", "inject_adapter_in_model", "peft_hcp.attach"]
+    routes = ["get_peft_model", "PeftModel.add_adapter", "inject_adapter_in_model", "adapter_set.attach"]
     return [*routes, "model.add_adapter"] if case.host.has_add_adapter else routes
 
 
@@ -122,9 +123,9 @@ def _attach_route(route: str, case: Case):
     if route == "inject_adapter_in_model":
         inject_adapter_in_model(case.config(), host)
         return host, lambda config, name: inject_adapter_in_model(config, host, name), ["default"]
-    if route == "peft_hcp.attach":
-        peft_hcp.attach(host, case.config(), "default")
-        return host, lambda config, name: peft_hcp.attach(host, config, name) or host, ["default"]
+    if route == "adapter_set.attach":
+        attach_in_place(host, case.config(), "default")
+        return host, lambda config, name: attach_in_place(host, config, name) or host, ["default"]
     return host, lambda config, name: host.add_adapter(config, name) or host, []  # diffusers' own
 
 
