@@ -47,6 +47,7 @@ from torch import nn
 
 from peft_hcp.base.blocks import BlockLayer
 from peft_hcp.base.files import check_adapter_folder, read_safetensors
+from peft_hcp.base.sharding import is_main_process as main_process
 from peft_hcp.errors import CheckpointError
 
 
@@ -82,33 +83,45 @@ def adapter_names(module: nn.Module) -> list[str]:
     return list(getattr(module, "peft_config", None) or {})
 
 
-def save_adapter(target, save_directory: str, adapter_names_: Optional[list[str]] = None) -> list[SetEntry]:
+def save_adapter(
+    target,
+    save_directory: str,
+    adapter_names_: Optional[list[str]] = None,
+    *,
+    is_main_process: Optional[bool] = None,
+) -> list[SetEntry]:
     """Save every adapter of a pipeline or model (or only ``adapter_names_``) as an adapter set.
 
-    Returns the entries written to the manifest. Raises ``ValueError`` when there is nothing to save.
+    On a model sharded with FSDP2 every rank calls it (the adapters' tensors are gathered whole, a collective)
+    and only ``is_main_process`` writes; it defaults to rank 0 of the default process group (``True`` in one
+    process). Returns the entries of the manifest. Raises ``ValueError`` when there is nothing to save.
     """
+    writes = is_main_process if is_main_process is not None else main_process()
     entries: list[SetEntry] = []
     for component, module in plugin_components(target).items():
         names = [n for n in adapter_names(module) if adapter_names_ is None or n in adapter_names_]
         for name in names:
             sub = component if len(names) == 1 else "/".join(p for p in (component, name) if p)
-            _save_one(module, name, os.path.join(save_directory, sub))
+            _save_one(module, name, os.path.join(save_directory, sub), writes)
             entries.append(SetEntry(component, name, sub, str(module.peft_config[name].peft_type.value)))
     if not entries:
         wanted = f" named {adapter_names_}" if adapter_names_ else ""
         raise ValueError(f"{type(target).__name__} carries no adapters{wanted} to save.")
-    manifest = {"format": MANIFEST_FORMAT, "version": 1, "adapters": [e.__dict__ for e in entries]}
-    with open(os.path.join(save_directory, MANIFEST_NAME), "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=2)
+    if writes:
+        manifest = {"format": MANIFEST_FORMAT, "version": 1, "adapters": [e.__dict__ for e in entries]}
+        with open(os.path.join(save_directory, MANIFEST_NAME), "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2)
     return entries
 
 
-def _save_one(module: nn.Module, name: str, folder: str) -> None:
+def _save_one(module: nn.Module, name: str, folder: str, writes: bool) -> None:
+    state = get_peft_model_state_dict(module, adapter_name=name, save_embedding_layers=False)  # every rank
+    if not writes:
+        return
     os.makedirs(folder, exist_ok=True)
     config = copy.deepcopy(module.peft_config[name])
     config.inference_mode = True
     config.save_pretrained(folder)
-    state = get_peft_model_state_dict(module, adapter_name=name, save_embedding_layers=False)
     if not isinstance(module, PeftModel):  # the keys PeftModel.from_pretrained expects
         state = {_PEFT_PREFIX + key: value for key, value in state.items()}
     state = {key: value.detach().contiguous() for key, value in state.items()}

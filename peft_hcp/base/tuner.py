@@ -14,6 +14,10 @@ refuses: module tree, ``requires_grad``, hooks, the adapter's ``peft_config`` en
 was read from a checkpoint (``PeftModel.load_adapter``, ``from_pretrained``, ``peft_hcp.load_adapter``) is
 removed again when that checkpoint's weights are refused, so a failed load leaves no half-attached adapter.
 
+*Sharded models.* On a model sharded with FSDP2 the adapter's tensors are gathered whole when its state dict is
+taken (every rank calls ``save_pretrained(..., is_main_process=rank == 0)``), and whole tensors are sliced to the
+model's shards when loaded, so files are the same as from one process.
+
 *Removing adapters.* ``delete_adapter`` and ``unload`` leave no empty tuner layer behind and put every host
 object back; ``unload`` also unwraps PEFT's ``modules_to_save`` copies, as PEFT's own tuners do.
 """
@@ -30,6 +34,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from peft_hcp.base.blocks import BlockLayer
+from peft_hcp.base.sharding import full_tensors, shard_like
 from peft_hcp.base.snapshot import ModelSnapshot
 from peft_hcp.errors import CheckpointError, few
 from peft_hcp.registry import bind_type
@@ -104,6 +109,20 @@ class HcpTuner(BaseTuner):
     # -- checkpoint keys -----------------------------------------------------------------------
 
     @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """PEFT's selection of the adapter's tensors, gathered whole from a model sharded with FSDP2 (a
+        collective there: behind ``save_pretrained`` and ``get_peft_model_state_dict``, every rank calls it)."""
+        state = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return full_tensors(state)
+
+    @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         attr = re.escape(cls.tuner_layer_cls.blocks_attr)
         return re.sub(
@@ -156,7 +175,7 @@ class HcpTuner(BaseTuner):
                 f"The checkpoint was made for a model of another shape; {len(wrong)} weight(s) differ: "
                 + "; ".join(wrong[:5])
             )
-        return remapped
+        return {key: shard_like(value, model_state.get(key)) for key, value in remapped.items()}
 
     # -- removing adapters ---------------------------------------------------------------------
 
