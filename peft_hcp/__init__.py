@@ -25,6 +25,11 @@ from peft_hcp.hooked import (
     register_multi_plugin,
     register_plugin,
 )
+from peft_hcp.hotswap import (
+    hotswap_adapter,
+    hotswap_adapter_from_state_dict,
+    prepare_model_for_compiled_hotswap,
+)
 from peft_hcp.hub import push_adapter
 from peft_hcp.patch import (
     HcpPatchConfig,
@@ -68,9 +73,12 @@ __all__ = [
     "Target",
     "UnsupportedLayerError",
     "feed",
+    "hotswap_adapter",
+    "hotswap_adapter_from_state_dict",
     "load_adapter",
     "parse_selector",
     "parse_selectors",
+    "prepare_model_for_compiled_hotswap",
     "push_adapter",
     "register_multi_plugin",
     "register_patch_plugin",

@@ -192,17 +192,26 @@ def load_adapter(
     cache_dir: Optional[str] = None,
     local_files_only: bool = False,
     is_trainable: bool = False,
+    hotswap: bool = False,
 ) -> list[SetEntry]:
     """Load an adapter set (or a single PEFT adapter folder) into a pipeline or model.
 
     ``adapter_name`` renames: a string when the set has one adapter name, or a ``{saved: new}`` dict.
     Local folders and Hub repo ids go through the same code (``revision``/``token`` are passed to the
     Hub). Returns the loaded entries, with their names as loaded.
+
+    ``hotswap=True`` copies the set's weights and scales into the adapters of the same names already there, in
+    place (also on a compiled model, see :mod:`peft_hcp.hotswap`); every entry is checked before any changes.
     """
     folder = resolve_source(path_or_repo_id, revision, token, cache_dir, local_files_only)
     entries = _renamed(read_set(folder), adapter_name)
     components = plugin_components(target)
     placed = _place(entries, components)
+    if hotswap:
+        from peft_hcp.hotswap import hotswap_entries  # it builds on this module
+
+        hotswap_entries(placed, folder)
+        return [entry for entry, _ in placed]
     for entry, module in placed:
         _load_one(module, entry, os.path.join(folder, entry.subfolder) if entry.subfolder else folder, is_trainable)
     for module in {id(m): m for _, m in placed}.values():
@@ -257,14 +266,7 @@ def _load_one(module: nn.Module, entry: SetEntry, folder: str, is_trainable: boo
         return
     if entry.name in adapter_names(module):
         raise ValueError(f"{type(module).__name__} already has an adapter named {entry.name!r}; pass adapter_name.")
-    peft_type = _peft_type_of(folder)  # the folder's own config is authoritative, not the manifest
-    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
-    if config_cls is None:
-        raise CheckpointError(
-            f"{folder} holds an adapter of type {peft_type!r}, which is not registered in this process. "
-            "Import the package that defines it first (`import peft_hcp` for the bundled types)."
-        )
-    config: PeftConfig = config_cls.from_pretrained(folder)
+    config = read_config(folder)
     config.inference_mode = not is_trainable
     attach(module, config, entry.name)
     try:
@@ -272,6 +274,19 @@ def _load_one(module: nn.Module, entry: SetEntry, folder: str, is_trainable: boo
     except Exception:
         detach(module, entry.name)
         raise
+
+
+def read_config(folder: str) -> PeftConfig:
+    """The config of the adapter folder ``folder``, of the type its own ``adapter_config.json`` names (the
+    folder's config is authoritative, not a manifest); the type must be registered in this process."""
+    peft_type = _peft_type_of(folder)
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+    if config_cls is None:
+        raise CheckpointError(
+            f"{folder} holds an adapter of type {peft_type!r}, which is not registered in this process. "
+            "Import the package that defines it first (`import peft_hcp` for the bundled types)."
+        )
+    return config_cls.from_pretrained(folder)
 
 
 def load_adapter_weights(module: nn.Module, adapter_name: str, folder: str) -> None:
@@ -359,6 +374,7 @@ __all__ = [
     "load_adapter",
     "load_adapter_weights",
     "plugin_components",
+    "read_config",
     "read_set",
     "resolve_source",
     "save_adapter",
