@@ -194,8 +194,8 @@ def _plan(root: nn.Module, adapter_name: str, config: Any, state_dict: dict[str,
     missing, unexpected = sorted(set(targets) - set(incoming)), sorted(set(incoming) - set(targets))
     if missing or unexpected:
         raise CheckpointError(
-            f"Cannot hot-swap into {adapter_name!r}: the new adapter is on other layers (missing {few(missing)}; "
-            f"unexpected {few(unexpected)})."
+            f"Cannot hot-swap into {adapter_name!r}: the new adapter has other weights (other layers, or another "
+            f"structure): missing {few(missing)}; unexpected {few(unexpected)}."
         )
     wrong = []
     for key, (holder, param_name, tensor) in targets.items():

@@ -330,7 +330,7 @@ class Trainer:
     def _samples(self, step: int) -> tuple[Optional[str], Optional[BeforeAfter]]:
         """Render, score and write the off | on grid of the fixed prompts and seeds (the main process; under FSDP
         every rank renders, as a sharded forward is a collective, and only the main process scores and writes)."""
-        if not (self.main or self.fsdp):
+        if not self.main and self.fsdp is None:
             return None, None
         s = self.settings.sample
         prompts, cond, sources = self._sample_inputs()
