@@ -36,6 +36,7 @@ _EXPORTS = {
         "register_multi_plugin",
         "register_plugin",
     ),
+    "peft_hcp.hotswap": ("hotswap_adapter", "hotswap_adapter_from_state_dict", "prepare_model_for_compiled_hotswap"),
     "peft_hcp.hub": ("push_adapter",),
     "peft_hcp.patch": (
         "HcpPatchConfig",

@@ -52,6 +52,7 @@ from peft_hcp.base.files import check_adapter_folder, read_header, read_safetens
 from peft_hcp.base.fit import mismatch_error
 from peft_hcp.base.names import check_adapter_name, is_inside
 from peft_hcp.base.preflight import blamed_on, fit_header, rehearse
+from peft_hcp.base.sharding import is_main_process as main_process
 from peft_hcp.base.snapshot import all_or_nothing
 from peft_hcp.errors import CheckpointError
 from peft_hcp.manifest import (
@@ -73,13 +74,24 @@ def adapter_names(module: nn.Module) -> list[str]:
     return list(getattr(module, "peft_config", None) or {})
 
 
-def save_adapter(target, save_directory: str, adapter_names_: Optional[list[str]] = None) -> list[SetEntry]:
+def save_adapter(
+    target,
+    save_directory: str,
+    adapter_names_: Optional[list[str]] = None,
+    *,
+    is_main_process: Optional[bool] = None,
+) -> list[SetEntry]:
     """Save every adapter of a pipeline or model (or only ``adapter_names_``) as an adapter set.
 
     Returns the entries written to the manifest. Raises ``ValueError`` when there is nothing to save, and,
     before writing anything, when an adapter name is not a plain name or a file would land outside
     ``save_directory`` (a symbolic link already there).
+
+    On a model sharded with FSDP2 every rank calls it (the adapters' tensors are gathered whole, a collective)
+    and only ``is_main_process`` writes; it defaults to rank 0 of the default process group (``True`` in one
+    process).
     """
+    writes = is_main_process if is_main_process is not None else main_process()
     planned: list[tuple[nn.Module, SetEntry]] = []
     for component, module in pipeline_components(target).items():
         names = [n for n in adapter_names(module) if adapter_names_ is None or n in adapter_names_]
@@ -97,20 +109,23 @@ def save_adapter(target, save_directory: str, adapter_names_: Optional[list[str]
     if outside:
         raise ValueError(f"Saving to {save_directory} would write {outside[0]} outside it (a symbolic link?).")
     for module, entry in planned:
-        _save_one(module, entry.name, os.path.join(save_directory, entry.subfolder))
+        _save_one(module, entry.name, os.path.join(save_directory, entry.subfolder), writes)
     entries = [entry for _, entry in planned]
-    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "adapters": [e.__dict__ for e in entries]}
-    with open(os.path.join(save_directory, MANIFEST_NAME), "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=2)
+    if writes:
+        manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "adapters": [e.__dict__ for e in entries]}
+        with open(os.path.join(save_directory, MANIFEST_NAME), "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2)
     return entries
 
 
-def _save_one(module: nn.Module, name: str, folder: str) -> None:
+def _save_one(module: nn.Module, name: str, folder: str, writes: bool) -> None:
+    state = get_peft_model_state_dict(module, adapter_name=name, save_embedding_layers=False)  # every rank
+    if not writes:
+        return
     os.makedirs(folder, exist_ok=True)
     config = copy.deepcopy(module.peft_config[name])
     config.inference_mode = True
     config.save_pretrained(folder)
-    state = get_peft_model_state_dict(module, adapter_name=name, save_embedding_layers=False)
     if not isinstance(module, PeftModel):  # the keys PeftModel.from_pretrained expects
         state = {_PEFT_PREFIX + key: value for key, value in state.items()}
     state = {key: value.detach().contiguous() for key, value in state.items()}
@@ -147,6 +162,7 @@ def load_adapter(
     cache_dir: Optional[str] = None,
     local_files_only: bool = False,
     is_trainable: bool = False,
+    hotswap: bool = False,
 ) -> list[SetEntry]:
     """Load an adapter set (or a single PEFT adapter folder) into a pipeline or model.
 
@@ -154,11 +170,19 @@ def load_adapter(
     Local folders and Hub repo ids go through the same code (``revision``/``token`` are passed to the
     Hub). Returns the loaded entries, with their names as loaded. All or nothing: an entry that is refused
     (its weights do not fit, its type is unknown) leaves the pipeline or model as it was.
+
+    ``hotswap=True`` copies the set's weights and scales into the adapters of the same names already there, in
+    place (also on a compiled model, see :mod:`peft_hcp.hotswap`); every entry is checked before any changes.
     """
     folder = resolve_source(path_or_repo_id, revision, token, cache_dir, local_files_only)
     entries = _renamed(read_set(folder), adapter_name)
     components = pipeline_components(target)
     placed = _place(entries, components)
+    if hotswap:
+        from peft_hcp.hotswap import hotswap_entries  # it builds on this module
+
+        hotswap_entries(placed, folder)
+        return [entry for entry, _ in placed]
     leaves = [os.path.join(folder, entry.subfolder) if entry.subfolder else folder for entry, _ in placed]
     configs = _check_set(placed, leaves, folder)  # every leaf against its weights, before anything is attached
     modules = list(dict.fromkeys(m for _, m in placed))
@@ -245,19 +269,7 @@ def _leaf_config(module: nn.Module, entry: SetEntry, folder: str) -> Optional[Pe
         return None
     if entry.name in adapter_names(module):
         raise ValueError(f"{type(module).__name__} already has an adapter named {entry.name!r}; pass adapter_name.")
-    peft_type = peft_type_of(folder)  # the folder's own config is authoritative, not the manifest
-    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
-    if config_cls is None:
-        raise CheckpointError(
-            f"{folder} holds an adapter of type {peft_type!r}, which is not registered in this process. "
-            "Import the package that defines it first (`import peft_hcp` for the bundled types)."
-        )
-    try:
-        config: PeftConfig = config_cls.from_pretrained(folder)
-    except CheckpointError:
-        raise
-    except (TypeError, ValueError) as exc:  # PEFT's own types: a value its config refuses
-        raise CheckpointError(f"{folder}/{CONFIG_NAME}: cannot be read as a {config_cls.__name__}: {exc}") from exc
+    config = read_config(folder)
     if isinstance(config, HcpConfig):
         config.checkpoint_file = None  # checked with the whole set (_check_set)
     return config
@@ -272,6 +284,25 @@ def _load_one(
     config.inference_mode = not is_trainable
     attach(module, config, entry.name)
     load_adapter_weights(module, entry.name, folder)
+
+
+def read_config(folder: str) -> PeftConfig:
+    """The config of the adapter folder ``folder``, of the type its own ``adapter_config.json`` names (the
+    folder's config is authoritative, not a manifest); the type must be registered in this process, and a
+    config file whose values do not make a config is a ``CheckpointError``."""
+    peft_type = peft_type_of(folder)
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+    if config_cls is None:
+        raise CheckpointError(
+            f"{folder} holds an adapter of type {peft_type!r}, which is not registered in this process. "
+            "Import the package that defines it first (`import peft_hcp` for the bundled types)."
+        )
+    try:
+        return config_cls.from_pretrained(folder)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as exc:  # PEFT's own types: a value its config refuses
+        raise CheckpointError(f"{folder}/{CONFIG_NAME}: cannot be read as a {config_cls.__name__}: {exc}") from exc
 
 
 def load_adapter_weights(module: nn.Module, adapter_name: str, folder: str) -> None:
@@ -363,6 +394,7 @@ __all__ = [
     "detach",
     "load_adapter",
     "load_adapter_weights",
+    "read_config",
     "read_set",
     "resolve_source",
     "save_adapter",

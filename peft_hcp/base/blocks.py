@@ -33,14 +33,21 @@ from peft_hcp.registry import LazyClass
 
 class WeightedBlock(nn.Module):
     """Base of every plugin block: ``scaling`` is ``base_scaling`` (the trained strength) times the weight;
-    ``input_keys`` names the extra inputs it takes through :func:`peft_hcp.feed`."""
+    ``input_keys`` names the extra inputs it takes through :func:`peft_hcp.feed`.
+
+    ``scaling`` is a float, or, once :meth:`hold_scaling_in_buffer` ran (before ``torch.compile`` for hot-swapping),
+    a 0-dim buffer changed in place: a compiled graph reads it as an input, so a new weight does not recompile.
+    """
 
     supports_scaling: ClassVar[bool] = False
     input_keys: ClassVar[tuple[str, ...]] = ()
     base_scaling: float = 1.0
-    scaling: float = 1.0
     #: the adapter this block belongs to (set by its layer), for error messages
     adapter_name: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scaling: Union[float, torch.Tensor] = 1.0  # an instance attribute, so that a buffer may replace it
 
     @property
     def inputs(self) -> ActivationCache:
@@ -66,7 +73,22 @@ class WeightedBlock(nn.Module):
             if scale != 1.0:
                 raise ValueError(f"{type(self).__name__} does not support adapter weights other than 1.0.")
             return
-        self.scaling = self.base_scaling * float(scale)
+        self.set_scaling(self.base_scaling * float(scale))
+
+    def set_scaling(self, value: float) -> None:
+        """Set ``scaling`` to ``value``: in place when it is a buffer."""
+        if "scaling" in self._buffers:
+            self.get_buffer("scaling").fill_(value)
+        else:
+            self.scaling = value
+
+    def hold_scaling_in_buffer(self) -> None:
+        """Keep ``scaling`` in a non-persistent 0-dim buffer (on the block's device) from now on."""
+        if "scaling" in self._buffers:
+            return
+        value = float(self.__dict__.pop("scaling"))
+        device = next((p.device for p in self.parameters()), None)
+        self.register_buffer("scaling", torch.tensor(value, device=device), persistent=False)
 
 
 class HostedBlock(WeightedBlock):
@@ -138,11 +160,11 @@ class BlockLayer(nn.Module, BaseTunerLayer):
 
     def scale_layer(self, scale: float) -> None:
         for block in self._scalable_active_blocks():
-            block.set_scale(block.scaling / block.base_scaling * scale)
+            block.set_scale(float(block.scaling) / block.base_scaling * scale)
 
     def unscale_layer(self, scale: Optional[float] = None) -> None:
         for block in self._scalable_active_blocks():
-            block.set_scale(1.0 if scale is None else block.scaling / block.base_scaling / scale)
+            block.set_scale(1.0 if scale is None else float(block.scaling) / block.base_scaling / scale)
 
     def _scalable_active_blocks(self) -> list[WeightedBlock]:
         return [b for name in self.active_adapters for b in self._blocks_of(name) if b.supports_scaling]

@@ -16,6 +16,10 @@ when any step refuses, the model and the tuner are put back, the adapter's ``pef
 ``inject_adapter``, so weights that will be refused refuse the attach, and a failed load leaves no half-attached
 adapter. Merging and unloading are all or nothing too.
 
+*Sharded models.* On a model sharded with FSDP2 the adapter's tensors are gathered whole when its state dict is
+taken (every rank calls ``save_pretrained(..., is_main_process=rank == 0)``), and whole tensors are sliced to the
+model's shards when loaded, so files are the same as from one process.
+
 *Removing adapters.* ``delete_adapter`` and ``unload`` leave no empty tuner layer behind and put every host
 object back; ``unload`` also unwraps PEFT's ``modules_to_save`` copies, as PEFT's own tuners do.
 """
@@ -35,6 +39,7 @@ from peft_hcp.base.config import HcpConfig
 from peft_hcp.base.fit import check_state_dict
 from peft_hcp.base.names import check_adapter_name
 from peft_hcp.base.preflight import check_against_file
+from peft_hcp.base.sharding import full_tensors, shard_like
 from peft_hcp.base.snapshot import all_or_nothing
 from peft_hcp.registry import bind_type
 
@@ -99,6 +104,20 @@ class HcpTuner(BaseTuner):
     # -- checkpoint keys -----------------------------------------------------------------------
 
     @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """PEFT's selection of the adapter's tensors, gathered whole from a model sharded with FSDP2 (a
+        collective there: behind ``save_pretrained`` and ``get_peft_model_state_dict``, every rank calls it)."""
+        state = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return full_tensors(state)
+
+    @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         attr = re.escape(cls.tuner_layer_cls.blocks_attr)
         return re.sub(
@@ -134,7 +153,7 @@ class HcpTuner(BaseTuner):
             source,
             f"this model's {cls.tuner_layer_cls.block_cls.__name__} adapter {adapter_name!r}",
         )
-        return remapped
+        return {key: shard_like(value, model_state.get(key)) for key, value in remapped.items()}
 
     # -- removing adapters ---------------------------------------------------------------------
 

@@ -5,7 +5,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import types
@@ -526,10 +525,10 @@ def test_ddp_two_processes_keep_plugin_weights_in_sync(tmp_path):
     config = tmp_path / "ddp.yaml"
     config.write_text(DDP_CONFIG)
     out = str(tmp_path / "out")
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
-    command = [
-        accelerate,
-        "launch",
+    command = [  # this interpreter's accelerate: an `accelerate` script elsewhere may run another checkout's code
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
         "--multi_gpu",
         "--num_processes",
         "2",
