@@ -56,6 +56,7 @@ _FREE_FIELDS = frozenset(
         "revision",
         "peft_version",
         "peft_hcp_version",
+        "checkpoint_file",  # where this process read the config from
         "auto_mapping",
         "task_type",
         "target_modules",
