@@ -10,8 +10,9 @@ imports from (:mod:`.controlnet_bridge`). Hosts: ``UNet2DConditionModel`` withou
 ``text_time`` one; anything else is refused before the model is touched. Hook indices (the default layers):
 
 * from 0 ``prehook:`` (the UNet itself): remembers the call's ``timestep``, ``encoder_hidden_states``,
-  ``timestep_cond``, ``attention_mask``, ``cross_attention_kwargs`` and ``added_cond_kwargs`` (SDXL's
-  ``text_embeds`` and ``time_ids``), given by position or keyword;
+  ``attention_mask``, ``cross_attention_kwargs`` and ``added_cond_kwargs`` (SDXL's ``text_embeds`` and
+  ``time_ids``), given by position or keyword. An LCM-distilled UNet's ``timestep_cond`` is the UNet's own, as
+  with diffusers' ``ControlNetModel``: the copied time embedding has no guidance projection;
 * from 1 ``prehook:conv_in``: runs the ControlNet on the UNet's sample, inside the UNet's call (so inside
   its autocast);
 * to 0 .. n-1 ``down_blocks.i`` (``re:down_blocks\\.\\d+``): adds the block's residuals to its skip outputs;
@@ -27,8 +28,7 @@ diffusers' ``set_adapters`` scales the residuals (``controlnet_conditioning_scal
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from diffusers import ControlNetModel
@@ -37,8 +37,11 @@ from torch import nn
 
 from peft_hcp.adapters.controlnet_common import ControlNetBase, clean_copy
 from peft_hcp.errors import SelectorMatchError, UnsupportedLayerError
-from peft_hcp.hooked import HcpHookedModel, HcpMultiPluginConfig, MultiPluginLayer
 from peft_hcp.selectors import Target
+
+
+if TYPE_CHECKING:
+    from peft_hcp.adapters.controlnet_types import HcpControlNetConfig
 
 
 #: UNet config entries a ``ControlNetModel`` takes over from its UNet (as ``ControlNetModel.from_unet`` does).
@@ -87,7 +90,6 @@ class ControlNetPlugin(ControlNetBase):
     call_keys = (
         "timestep",
         "encoder_hidden_states",
-        "timestep_cond",
         "attention_mask",
         "cross_attention_kwargs",
         "added_cond_kwargs",
@@ -154,6 +156,9 @@ class ControlNetPlugin(ControlNetBase):
         self.conv_in = clean_copy(host.conv_in)
         self.time_proj = clean_copy(host.time_proj)
         self.time_embedding = clean_copy(host.time_embedding)
+        # an LCM-distilled UNet's guidance embedding (`time_cond_proj_dim`) is the UNet's alone: diffusers'
+        # ControlNetModel has none, and its pipelines give the ControlNet no `timestep_cond`
+        self.time_embedding.cond_proj = None
         has_added = getattr(host, "add_embedding", None) is not None
         self.add_time_proj = clean_copy(host.add_time_proj) if has_added else None
         self.add_embedding = clean_copy(host.add_embedding) if has_added else None
@@ -198,7 +203,7 @@ class ControlNetPlugin(ControlNetBase):
             timesteps = torch.tensor([timesteps], dtype=kind, device=device)
         elif timesteps.ndim == 0:
             timesteps = timesteps[None].to(device)
-        emb = self.time_embedding(self.time_proj(timesteps.expand(batch)).to(dtype), call.get("timestep_cond"))
+        emb = self.time_embedding(self.time_proj(timesteps.expand(batch)).to(dtype))
         if self.add_embedding is None:
             return emb
         added = call.get("added_cond_kwargs") or {}
@@ -272,22 +277,3 @@ class ControlNetPlugin(ControlNetBase):
         if args:
             return (x, *args[1:]), kwargs
         return args, {**kwargs, "input_tensor": x}
-
-
-@dataclass
-class HcpControlNetConfig(HcpMultiPluginConfig):
-    """A ControlNet on a diffusers UNet, SD 1.x/2.x or SDXL (see :class:`ControlNetPlugin`); default layers fit its layout."""
-
-    conditioning_channels: int = field(default=3, metadata={"help": "Channels of the condition image."})
-    conditioning_embedding_out_channels: list[int] = field(
-        default_factory=lambda: [16, 32, 96, 256],
-        metadata={"help": "Channels of the condition head; each step after the first halves the size."},
-    )
-
-
-class HcpControlNetContainer(MultiPluginLayer, type_name="hcp_controlnet", block_cls=ControlNetPlugin):
-    """The container of ``hcp_controlnet`` (``model.hcp_controlnet``): one ControlNet copy per adapter."""
-
-
-class HcpControlNetModel(HcpHookedModel, layer_cls=HcpControlNetContainer, config_cls=HcpControlNetConfig):
-    """The PEFT tuner of ``hcp_controlnet``; defining it registers the type with PEFT."""

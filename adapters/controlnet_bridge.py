@@ -24,12 +24,9 @@ from diffusers import (
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from peft_hcp.adapters.controlnet import HcpControlNetConfig
 from peft_hcp.adapters.controlnet_common import ControlNetBase
-from peft_hcp.adapters.controlnet_dit import (
-    HcpFluxControlNetConfig,
-    HcpSD3ControlNetConfig,
-)
+from peft_hcp.adapters.controlnet_types import HcpControlNetConfig, HcpFluxControlNetConfig, HcpSD3ControlNetConfig
+from peft_hcp.base.snapshot import all_or_nothing
 
 
 _CONFIGS = {
@@ -66,14 +63,19 @@ def controlnet_config(controlnet: ModelMixin):
 
 
 def load_controlnet(model: nn.Module, controlnet: ModelMixin, adapter_name: str = "default") -> None:
-    """Copy the weights of ``controlnet`` into the plugin ``adapter_name`` of ``model``."""
-    controlnet_plugin(model, adapter_name).load_diffusers(controlnet)
+    """Copy the weights of ``controlnet`` into the plugin ``adapter_name`` of ``model``; one that does not fit
+    (its config, a weight's name or shape) is refused before any is copied."""
+    plugin = controlnet_plugin(model, adapter_name)
+    with all_or_nothing(model, values=plugin.state_dict().values()):
+        plugin.load_diffusers(controlnet)
 
 
 def import_controlnet(host: nn.Module, controlnet: ModelMixin, adapter_name: str = "default") -> PeftModel:
-    """``host`` with ``controlnet`` attached as a trainable plugin adapter (its base weights frozen)."""
+    """``host`` with ``controlnet`` attached as a trainable plugin adapter (its base weights frozen); refused,
+    ``host`` left as it was, when ``controlnet`` was not made for it."""
     config = controlnet_config(controlnet)
-    config.plugin_cls.check_fits(host, config, dict(controlnet.config))
-    model = get_peft_model(host, config, adapter_name=adapter_name)
-    load_controlnet(model, controlnet, adapter_name)
+    config.plugin_cls.check_fits(host, config, controlnet)
+    with all_or_nothing(host):
+        model = get_peft_model(host, config, adapter_name=adapter_name)
+        load_controlnet(model, controlnet, adapter_name)
     return model

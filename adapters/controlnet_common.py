@@ -21,7 +21,9 @@ from diffusers import ModelMixin
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from peft_hcp.base.fit import check_state_dict
 from peft_hcp.base.snapshot import HOOK_TABLES
+from peft_hcp.errors import CheckpointError
 from peft_hcp.hooked import MultiPluginBlock
 from peft_hcp.selectors import Target
 
@@ -46,11 +48,6 @@ def clean_copy(module: nn.Module) -> nn.Module:
             setattr(clone.get_submodule(parent), attr, sub.get_base_layer())
             done.append(name)
     return clone
-
-
-def base_module(target: Target) -> nn.Module:
-    """The selected module itself, or the base layer of a PEFT tuner layer wrapping it."""
-    return target.module.get_base_layer() if isinstance(target.module, BaseTunerLayer) else target.module
 
 
 def _comparable(value: Any) -> Any:
@@ -83,20 +80,10 @@ class ControlNetBase(MultiPluginBlock):
         return {name: _comparable(controlnet_config[name]) for name in cls.plugin_fields}
 
     @classmethod
-    def check_fits(cls, host: nn.Module, config: Any, controlnet_config: dict) -> None:
+    def check_fits(cls, host: nn.Module, config: Any, controlnet: ModelMixin) -> None:
         """Refuse a diffusers ControlNet whose config differs from the one this plugin has on ``host``."""
         cls.check_host(host, config)
-        expected = cls.diffusers_config(dict(host.config), config)
-        differ = [
-            f"{key}: ControlNet {_comparable(controlnet_config.get(key))!r}, plugin on this host {_comparable(value)!r}"
-            for key, value in expected.items()
-            if _comparable(controlnet_config.get(key)) != _comparable(value)
-        ]
-        if differ:
-            raise ValueError(
-                f"This {cls.diffusers_class.__name__} was not made for a {type(host).__name__} like this one; "
-                + "; ".join(differ)
-            )
+        _check_config(controlnet, cls.diffusers_config(dict(host.config), config), f"a {type(host).__name__} like this")
 
     def __init__(self, from_layers: list[Target], to_layers: list[Target], host: nn.Module, config: Any) -> None:
         super().__init__(from_layers, to_layers, host, config)
@@ -157,13 +144,27 @@ class ControlNetBase(MultiPluginBlock):
         return (model if model.dtype == self.dtype else model.to(self.dtype)).eval()
 
     def load_diffusers(self, controlnet: ModelMixin) -> None:
-        """Take the weights of ``controlnet``, a ``diffusers_class`` model made for this host."""
-        names = {self.diffusers_key(k): k for k in self.state_dict()}
+        """Take the weights of ``controlnet``, a ``diffusers_class`` model made for this host.
+
+        Its config and every weight's name and shape are checked before one is copied."""
+        target = f"{type(self).__name__} (adapter {self.adapter_name!r})"
+        _check_config(controlnet, self._diffusers_config, f"this {target}")
+        own = self.state_dict()
+        names = {self.diffusers_key(k): k for k in own}
         state = controlnet.state_dict()
-        missing, unexpected = sorted(set(names) - set(state)), sorted(set(state) - set(names))
-        if missing or unexpected:
-            raise ValueError(
-                f"{type(controlnet).__name__} does not fit {type(self).__name__} (adapter {self.adapter_name!r}): "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}."
-            )
+        check_state_dict(
+            state, {name: own[key] for name, key in names.items()}, f"The {type(controlnet).__name__}", target
+        )
         self.load_state_dict({names[k]: v for k, v in state.items()}, strict=True)
+
+
+def _check_config(controlnet: ModelMixin, expected: dict, made_for: str) -> None:
+    """Refuse ``controlnet`` unless its config has the ``expected`` entries, naming those that differ."""
+    config = dict(controlnet.config)
+    differ = [
+        f"{key}: ControlNet {_comparable(config.get(key))!r}, plugin on this host {_comparable(value)!r}"
+        for key, value in expected.items()
+        if _comparable(config.get(key)) != _comparable(value)
+    ]
+    if differ:
+        raise CheckpointError(f"This {type(controlnet).__name__} was not made for {made_for}; " + "; ".join(differ))

@@ -27,7 +27,7 @@ with SD3's ``skip_layers`` gets no control output here (diffusers adds it anyway
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -40,9 +40,9 @@ from diffusers.models.transformers.transformer_flux import (
 )
 from torch import nn
 
-from peft_hcp.adapters.controlnet_common import ControlNetBase, base_module, clean_copy
+from peft_hcp.adapters.controlnet_common import ControlNetBase, clean_copy
+from peft_hcp.base.unwrap import base_module
 from peft_hcp.errors import SelectorMatchError, UnsupportedLayerError
-from peft_hcp.hooked import HcpHookedModel, HcpMultiPluginConfig, MultiPluginLayer
 from peft_hcp.selectors import Target
 
 
@@ -62,6 +62,15 @@ class DiTControlNetPlugin(ControlNetBase):
     groups: ClassVar[tuple[BlockGroup, ...]]
     copied: ClassVar[tuple[str, ...]]  # host embedders copied with their weights
     latent_embedder: ClassVar[str]  # the host module whose input is the latents
+    #: the host config fields the diffusers ControlNet's config repeats
+    host_fields: ClassVar[tuple[str, ...]] = (
+        "patch_size",
+        "in_channels",
+        "attention_head_dim",
+        "num_attention_heads",
+        "joint_attention_dim",
+        "pooled_projection_dim",
+    )
 
     @classmethod
     def check_host(cls, host: nn.Module, config: Any) -> None:
@@ -89,6 +98,10 @@ class DiTControlNetPlugin(ControlNetBase):
         for name in (*cls.copied, cls.latent_embedder):
             if getattr(host, name, None) is None:
                 raise UnsupportedLayerError(f"{cls.__name__} needs the host's {name!r}; {kind} has none.")
+
+    @classmethod
+    def diffusers_config(cls, host_config: dict, config: Any) -> dict:
+        return {key: host_config[key] for key in cls.host_fields}
 
     @classmethod
     def default_layers(cls, host: nn.Module) -> tuple[list[str], list[str]]:
@@ -143,7 +156,7 @@ class DiTControlNetPlugin(ControlNetBase):
 
     def _slot(self, target: Target, host: nn.Module) -> Optional[tuple[int, int]]:
         """``(group, output index)`` added after the to-layer ``target``; ``None`` where nothing was copied."""
-        module = base_module(target)
+        module = base_module(target.module)
         for index, group in enumerate(self.groups):
             blocks = list(getattr(host, group.attr))
             if any(module is block for block in blocks):
@@ -210,6 +223,14 @@ class SD3ControlNetPlugin(DiTControlNetPlugin):
     call_keys = ("timestep", "encoder_hidden_states", "pooled_projections")
     diffusers_class = SD3ControlNetModel
     plugin_fields = ("num_layers", "extra_conditioning_channels", "force_zeros_for_pooled_projection")
+    host_fields = (
+        *DiTControlNetPlugin.host_fields,
+        "sample_size",
+        "caption_projection_dim",
+        "out_channels",
+        "pos_embed_max_size",
+        "qk_norm",
+    )
 
     @classmethod
     def check_host(cls, host: nn.Module, config: Any) -> None:
@@ -228,21 +249,8 @@ class SD3ControlNetPlugin(DiTControlNetPlugin):
 
     @classmethod
     def diffusers_config(cls, host_config: dict, config: Any) -> dict:
-        shared = (
-            "sample_size",
-            "patch_size",
-            "in_channels",
-            "attention_head_dim",
-            "num_attention_heads",
-            "joint_attention_dim",
-            "caption_projection_dim",
-            "pooled_projection_dim",
-            "out_channels",
-            "pos_embed_max_size",
-            "qk_norm",
-        )
         return {
-            **{key: host_config[key] for key in shared},
+            **super().diffusers_config(host_config, config),
             "dual_attention_layers": [i for i in host_config.get("dual_attention_layers", ()) if i < config.num_layers],
             "num_layers": config.num_layers,
             "extra_conditioning_channels": config.extra_conditioning_channels,
@@ -299,21 +307,12 @@ class FluxControlNetPlugin(DiTControlNetPlugin):
     call_keys = ("timestep", "encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids", "guidance")
     diffusers_class = FluxControlNetModel
     plugin_fields = ("num_layers", "num_single_layers")
+    host_fields = (*DiTControlNetPlugin.host_fields, "guidance_embeds", "axes_dims_rope")
 
     @classmethod
     def diffusers_config(cls, host_config: dict, config: Any) -> dict:
-        shared = (
-            "patch_size",
-            "in_channels",
-            "attention_head_dim",
-            "num_attention_heads",
-            "joint_attention_dim",
-            "pooled_projection_dim",
-            "guidance_embeds",
-            "axes_dims_rope",
-        )
         return {
-            **{key: host_config[key] for key in shared},
+            **super().diffusers_config(host_config, config),
             "num_layers": config.num_layers,
             "num_single_layers": config.num_single_layers,
             "num_mode": None,
@@ -344,46 +343,3 @@ class FluxControlNetPlugin(DiTControlNetPlugin):
         txt_ids, img_ids = (ids[0] if ids.ndim == 3 else ids for ids in (call["txt_ids"], call["img_ids"]))
         rotary = self.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
         return hidden, context, temb, {"image_rotary_emb": rotary}
-
-
-@dataclass
-class HcpSD3ControlNetConfig(HcpMultiPluginConfig):
-    """A ControlNet on an ``SD3Transformer2DModel`` (see :class:`SD3ControlNetPlugin`); fields as in ``SD3ControlNetModel``."""
-
-    num_layers: int = field(default=12, metadata={"help": "How many of the host's first joint blocks to copy."})
-    extra_conditioning_channels: int = field(
-        default=0, metadata={"help": "Channels of the control latents beyond the host's latent channels."}
-    )
-    force_zeros_for_pooled_projection: bool = field(
-        default=True,
-        metadata={
-            "help": "Give the copy zero pooled projections (diffusers' default; its pipeline then skips "
-            "the VAE shift on the control latents)."
-        },
-    )
-
-
-class HcpSD3ControlNetContainer(MultiPluginLayer, type_name="hcp_sd3_controlnet", block_cls=SD3ControlNetPlugin):
-    """The container of ``hcp_sd3_controlnet``: one SD3 ControlNet per adapter."""
-
-
-class HcpSD3ControlNetModel(HcpHookedModel, layer_cls=HcpSD3ControlNetContainer, config_cls=HcpSD3ControlNetConfig):
-    """The PEFT tuner of ``hcp_sd3_controlnet``; defining it registers the type with PEFT."""
-
-
-@dataclass
-class HcpFluxControlNetConfig(HcpMultiPluginConfig):
-    """A ControlNet on a ``FluxTransformer2DModel`` (see :class:`FluxControlNetPlugin`); fields as in ``FluxControlNetModel``."""
-
-    num_layers: int = field(default=4, metadata={"help": "How many of the host's first double-stream blocks to copy."})
-    num_single_layers: int = field(
-        default=10, metadata={"help": "How many of the host's first single-stream blocks to copy."}
-    )
-
-
-class HcpFluxControlNetContainer(MultiPluginLayer, type_name="hcp_flux_controlnet", block_cls=FluxControlNetPlugin):
-    """The container of ``hcp_flux_controlnet``: one Flux ControlNet per adapter."""
-
-
-class HcpFluxControlNetModel(HcpHookedModel, layer_cls=HcpFluxControlNetContainer, config_cls=HcpFluxControlNetConfig):
-    """The PEFT tuner of ``hcp_flux_controlnet``; defining it registers the type with PEFT."""

@@ -92,6 +92,9 @@ class LokrBlock(LowRankBlock):
             w2 = (self.lokr_w2_a @ self.lokr_w2_b).reshape(self.out_k, self.in_n, *self.kernel)
         return torch.kron(w1.reshape(*w1.shape, *[1] * len(self.kernel)), w2.contiguous()) * self.scaling
 
+    def pad_dims(self, name: str) -> tuple[int, ...]:
+        return (0, 1) if name == "lokr_t2" else super().pad_dims(name)  # the CP core is rank x rank
+
     # -- kohya/LyCORIS files -------------------------------------------------------------------
 
     @classmethod

@@ -1,7 +1,8 @@
 """LoRA as a single-layer plugin on the output route: ``out + up(down(dropout(x))) * scaling``.
 
 With ``use_dora`` it is DoRA (PEFT's ``LoraConfig(use_dora=True)``): the weight ``W + ΔW`` is rescaled per
-output channel to a trained magnitude ``dora_scale`` (LyCORIS's name and layout, ``(out, 1, ...)``).
+output channel to a trained magnitude ``dora_scale`` (LyCORIS's name and layout, ``(out, 1, ...)``); the block
+then holds the DoRA variant of :mod:`.lora_variants`.
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from peft_hcp.errors import CheckpointError
+from peft_hcp.adapters.lora_variants import DoraVariant, LoraVariant
 from peft_hcp.single import HcpSingleConfig, HcpSingleModel, SinglePluginLayer
-from peft_hcp.single.dropout import dropout_down
 from peft_hcp.single.lowrank import (
     LowRankBlock,
     check_rank,
@@ -27,7 +26,10 @@ from peft_hcp.single.lowrank import (
 
 
 class LoraBlock(LowRankBlock):
-    """``lora_down`` (in -> rank, the host's kernel for convolutions), then ``lora_up`` (rank -> out, 1x1)."""
+    """``lora_down`` (in -> rank, the host's kernel for convolutions), then ``lora_up`` (rank -> out, 1x1).
+
+    How it computes, merges and reads files is its ``variant``'s (:mod:`.lora_variants`): plain LoRA, or DoRA.
+    """
 
     kohya_required = ("lora_down.weight", "lora_up.weight")
     kohya_weights = (*kohya_required, "dora_scale")
@@ -53,17 +55,11 @@ class LoraBlock(LowRankBlock):
             nn.init.zeros_(self.lora_up.weight)
             if self.lora_up.bias is not None:
                 nn.init.zeros_(self.lora_up.bias)
-        if config.use_dora:
-            # DoRA's norm is of the host's weight: keep a reference to it, outside the block's modules and state
-            self.__dict__["_dora_host"] = host
-            with torch.no_grad():  # PEFT's magnitude: the norm of the adapted weight, per output channel
-                self.dora_scale = nn.Parameter(_out_norm(self._adapted(host.weight)))
+        self.variant: LoraVariant = DoraVariant() if config.use_dora else LoraVariant()
+        self.variant.init(self, host)
 
     def forward(self, fea_in: tuple[torch.Tensor, ...], fea_out: torch.Tensor) -> torch.Tensor:
-        if "dora_scale" in self._parameters:
-            return self._dora_forward(fea_in[0], fea_out)
-        x = fea_in[0].to(self.lora_down.weight.dtype)
-        return fea_out + (self.lora_up(dropout_down(x, self.lora_down, self.dropout)) * self.scaling).to(fea_out.dtype)
+        return self.variant.forward(self, fea_in[0], fea_out)
 
     def get_delta_weight(self) -> torch.Tensor:
         up, down = self.lora_up.weight, self.lora_down.weight
@@ -72,37 +68,12 @@ class LoraBlock(LowRankBlock):
     def get_delta_bias(self) -> Optional[torch.Tensor]:
         return None if self.lora_up.bias is None else self.lora_up.bias * self.scaling
 
-    # -- DoRA ----------------------------------------------------------------------------------
-
-    def _adapted(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight + ΔW`` with ΔW detached: merging, and DoRA's norm, which takes no gradient."""
-        return weight + self.get_delta_weight().detach().to(weight.dtype).reshape(weight.shape)
+    def adapted_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight + ΔW`` with ΔW detached: plain LoRA's merged weight, and what DoRA takes the norm of."""
+        return super().merged_weight(weight)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        adapted = self._adapted(weight)
-        if "dora_scale" not in self._parameters:
-            return adapted
-        return adapted * (self.dora_scale.detach() / _out_norm(adapted)).to(weight.dtype)
-
-    def _dora_forward(self, x: torch.Tensor, fea_out: torch.Tensor) -> torch.Tensor:
-        """PEFT's DoRA: ``out + (m/‖W+ΔW‖ - 1) · W x + m/‖W+ΔW‖ · ΔW x``, the norm detached (as the paper
-        advises, so it is no part of the gradient). ``W x`` is the host's output less its bias, or, under
-        active dropout, recomputed from the dropped-out input as PEFT does."""
-        host = self._dora_host
-        x = x.to(self.lora_down.weight.dtype)
-        weight = host.weight.to(x.dtype)
-        norm = _out_norm(self._adapted(weight)).detach()
-        shape = (-1, 1, 1) if isinstance(host, nn.Conv2d) else (-1,)
-        factor = (self.dora_scale / norm).reshape(shape)
-        dropped = self.dropout(x)
-        if isinstance(self.dropout, nn.Identity) or not self.training:
-            base = fea_out.to(x.dtype) if host.bias is None else fea_out.to(x.dtype) - host.bias.reshape(shape)
-        elif isinstance(host, nn.Conv2d):
-            base = F.conv2d(dropped, weight, None, host.stride, host.padding, host.dilation, host.groups)
-        else:
-            base = F.linear(dropped, weight)
-        extra = (factor - 1) * base + factor * self.lora_up(self.lora_down(dropped)) * self.scaling
-        return fea_out + extra.to(fea_out.dtype)
+        return self.variant.merged_weight(self, weight)
 
     @classmethod
     def config_kwargs_from_kohya(cls, layers: dict[str, dict[str, torch.Tensor]]) -> dict:
@@ -110,20 +81,7 @@ class LoraBlock(LowRankBlock):
         return {**kwargs, "use_dora": any("dora_scale" in tensors for tensors in layers.values())}
 
     def load_kohya(self, tensors: dict[str, torch.Tensor], layer: str) -> None:
-        """Also take ``dora_scale`` in PEFT's/diffusers' layout (``(out,)``, ``(1, out, 1, 1)``); a layer without
-        one in a DoRA file gets the magnitude that makes it plain LoRA."""
-        if "dora_scale" in self._parameters and "dora_scale" in tensors:
-            magnitude, out_features = tensors["dora_scale"], self.dora_scale.shape[0]
-            if magnitude.numel() != out_features:
-                raise CheckpointError(
-                    f"Layer {layer}: dora_scale {tuple(magnitude.shape)} is not one value per output channel "
-                    f"({out_features}); input-side DoRA (LyCORIS wd_on_out=False) is not supported."
-                )
-            tensors = {**tensors, "dora_scale": magnitude.reshape(self.dora_scale.shape)}
-        super().load_kohya(tensors, layer)
-        if "dora_scale" in self._parameters and "dora_scale" not in tensors:
-            with torch.no_grad():
-                self.dora_scale.copy_(_out_norm(self._adapted(self._dora_host.weight)))
+        self.variant.load_kohya(self, tensors, layer, super().load_kohya)
 
     def kohya_tensors(self) -> dict[str, torch.Tensor]:
         if self.lora_up.bias is not None:
@@ -131,16 +89,7 @@ class LoraBlock(LowRankBlock):
         return super().kohya_tensors()
 
     def lora_factors(self, host: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        if "dora_scale" in self._parameters:
-            return super().lora_factors(host)  # refused: no exact form without a magnitude
-        if self.lora_up.bias is not None:
-            raise ValueError("diffusers' LoRA layout has no lora_B bias here; train without lora_bias to export.")
-        return self.lora_down.weight.detach().clone(), self.lora_up.weight.detach() * self.scaling
-
-
-def _out_norm(weight: torch.Tensor) -> torch.Tensor:
-    """The norm of each output channel's weights, shaped ``(out, 1, ...)`` to broadcast over ``weight``."""
-    return weight.flatten(1).norm(dim=1).reshape(-1, *[1] * (weight.dim() - 1))
+        return self.variant.lora_factors(self)
 
 
 @dataclass

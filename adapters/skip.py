@@ -29,19 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peft_hcp.base.unwrap import base_module
 from peft_hcp.errors import UnsupportedLayerError
 from peft_hcp.hooked import HcpHookedModel, HcpPluginConfig, PluginBlock, PluginLayer
 from peft_hcp.hooked.block import element, with_element
 from peft_hcp.selectors import Target
 
 
-def _host(target: Target) -> nn.Module:
-    return target.module.get_base_layer() if hasattr(target.module, "get_base_layer") else target.module
-
-
 def _features(target: Target, side: str, given: Optional[int], pair: str) -> int:
     """Input (``side='in'``) or output width of a Linear / Conv2d layer, else the configured ``features``."""
-    module = _host(target)
+    module = base_module(target.module)
     if isinstance(module, nn.Linear):
         return module.in_features if side == "in" else module.out_features
     if isinstance(module, nn.Conv2d):
@@ -66,8 +63,8 @@ class SkipBlock(PluginBlock):
         out_features = _features(to_layer, "in" if to_layer.prehook else "out", widths[1], pair)
         self.to_element = config.to_element
         # a Linear from-layer's input has its features last, whatever its rank; a block's feature map has them at dim 1
-        self.features_last = isinstance(_host(from_layer), nn.Linear)
-        if isinstance(_host(from_layer), nn.Conv2d):
+        self.features_last = isinstance(base_module(from_layer.module), nn.Linear)
+        if isinstance(base_module(from_layer.module), nn.Conv2d):
             self.layer: nn.Module = nn.Conv2d(in_features, out_features, 1, bias=config.skip_bias)
         else:
             self.layer = nn.Linear(in_features, out_features, bias=config.skip_bias)

@@ -345,6 +345,60 @@ def compile_kinds(w: Workload) -> Pair:
     return Pair("the same model, eager", compiled, eager, info=info)
 
 
+def hotswap(w: Workload) -> Pair:
+    """Serving another LoRA on a compiled tiny UNet: a hot-swap into a model prepared once (target rank 8) against
+    unloading, loading and recompiling. Every call serves an adapter not seen before (ranks 4 and 8 in turn, a new
+    alpha each time, as new adapters come) and ends with its first output."""
+    hcp = need("peft_hcp")
+    tiny = Workload(w.device, w.dtype, resolution=16, batch=w.batch, model="tiny")
+    backend = "inductor" if w.device.type == "cuda" else "aot_eager"  # inductor's C++ build takes minutes on CPU
+    root = tempfile.mkdtemp(prefix="hotswap-")
+    made = [0]
+
+    def new_adapter() -> str:
+        made[0] += 1
+        rank = (4, 8)[made[0] % 2]
+        torch.manual_seed(made[0])
+        config = HcpLoraConfig(target_modules=["re:" + TRAIN_TARGETS], r=rank, alpha=float(made[0]), init_weights=False)
+        folder = f"{root}/adapter{made[0]}"
+        get_peft_model(tiny.twin(), config).save_pretrained(folder)
+        return folder
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1000)  # the reference's
+    first = new_adapter()
+    served = PeftModel.from_pretrained(tiny.twin(), first)
+    hcp.prepare_model_for_compiled_hotswap(served, target_rank=8)
+    served_step = tiny.infer(torch.compile(served.get_base_model(), backend=backend))
+    served_step()
+    reloaded = {"model": PeftModel.from_pretrained(tiny.twin(), first)}
+
+    def swap() -> Callable[[], object]:
+        folder = new_adapter()
+        return lambda: (hcp.hotswap_adapter(served, folder, "default"), served_step())
+
+    def reload() -> Callable[[], object]:
+        folder = new_adapter()
+
+        def call() -> torch.Tensor:
+            base = reloaded["model"].unload()
+            reloaded["model"] = PeftModel.from_pretrained(base, folder)
+            return tiny.infer(torch.compile(reloaded["model"].get_base_model(), backend=backend))()
+
+        return call
+
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    check = swap()
+    swapped = check()[1]
+    eager = tiny.infer(PeftModel.from_pretrained(tiny.twin(), f"{root}/adapter{made[0]}"))()
+    info = {
+        "backend": backend,
+        "model": "tiny",
+        "recompiles_of_a_swap": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
+        "swapped_vs_eager_max_abs_diff": (swapped - eager).abs().max().item(),
+    }
+    return Pair("unload + load + recompile", swap, reload, fresh=True, info=info)
+
+
 PAIRS: dict[str, Callable[[Workload], Pair]] = {
     "train_lora": train_lora,
     "train_lora_dropout": train_lora_dropout,
@@ -360,4 +414,5 @@ PAIRS: dict[str, Callable[[Workload], Pair]] = {
     "train_prelu": train_prelu,
     "compile_lora": compile_lora,
     "compile_kinds": compile_kinds,
+    "hotswap": hotswap,
 }

@@ -1,82 +1,76 @@
 """peft-hcp: HCP-Diffusion's model plugins as PEFT tuner types.
 
 Importing this package registers every bundled plugin type with PEFT, so that ``get_peft_model``,
-``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` know them.
+``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` know them. The names below are loaded on
+first use (``from peft_hcp import HcpLoraConfig`` imports the LoRA plugin, not the ControlNets).
+
+The one process where importing the package does not register is the ``peft-hcp`` command's own (its
+console script, ``python -m peft_hcp.cli``): Python imports this package before ``peft_hcp.cli``, and the
+command must answer ``--help`` without loading torch and PEFT. Its subcommands register when they run.
 """
 
-from importlib.metadata import version
+import os
+import sys
 
 from peft_hcp import adapters
-from peft_hcp.adapter_set import load_adapter, save_adapter
-from peft_hcp.adapters import *  # noqa: F403  (the bundled plugins, registered on import)
-from peft_hcp.errors import (
-    CheckpointError,
-    MergeNotSupportedError,
-    SelectorMatchError,
-    SelectorSyntaxError,
-    UnsupportedLayerError,
-)
-from peft_hcp.hooked import (
-    HcpMultiPluginConfig,
-    HcpPluginConfig,
-    MultiPluginBlock,
-    PluginBlock,
-    feed,
-    register_multi_plugin,
-    register_plugin,
-)
-from peft_hcp.hub import push_adapter
-from peft_hcp.patch import (
-    HcpPatchConfig,
-    PatchPluginBlock,
-    PatchPluginContainer,
-    ReplacePatchContainer,
-    register_patch_plugin,
-)
-from peft_hcp.selectors import (
-    Selector,
-    Target,
-    parse_selector,
-    parse_selectors,
-    resolve,
-)
-from peft_hcp.single import HcpSingleConfig, SinglePluginBlock, register_single_plugin
-from peft_hcp.single.lowrank import LowRankBlock
-from peft_hcp.wrap import wrap_model
+from peft_hcp.lazy import lazy_names
 
 
-__version__ = version("peft-hcp")
+_EXPORTS = {
+    "peft_hcp.adapters": tuple(adapters.__all__),
+    "peft_hcp.adapter_set": ("load_adapter", "save_adapter"),
+    "peft_hcp.errors": (
+        "CheckpointError",
+        "MergeNotSupportedError",
+        "PeftHcpError",
+        "SelectorMatchError",
+        "SelectorSyntaxError",
+        "UnsupportedLayerError",
+    ),
+    "peft_hcp.hooked": (
+        "HcpMultiPluginConfig",
+        "HcpPluginConfig",
+        "MultiPluginBlock",
+        "PluginBlock",
+        "feed",
+        "register_multi_plugin",
+        "register_plugin",
+    ),
+    "peft_hcp.hotswap": ("hotswap_adapter", "hotswap_adapter_from_state_dict", "prepare_model_for_compiled_hotswap"),
+    "peft_hcp.hub": ("push_adapter",),
+    "peft_hcp.patch": (
+        "HcpPatchConfig",
+        "PatchPluginBlock",
+        "PatchPluginContainer",
+        "ReplacePatchContainer",
+        "register_patch_plugin",
+    ),
+    "peft_hcp.selectors": ("Selector", "Target", "parse_selector", "parse_selectors", "resolve"),
+    "peft_hcp.single": ("HcpSingleConfig", "SinglePluginBlock", "register_single_plugin"),
+    "peft_hcp.single.lowrank": ("LowRankBlock",),
+    "peft_hcp.wrap": ("wrap_model",),
+}
 
-__all__ = [
-    *adapters.__all__,
-    "CheckpointError",
-    "HcpMultiPluginConfig",
-    "HcpPatchConfig",
-    "HcpPluginConfig",
-    "HcpSingleConfig",
-    "LowRankBlock",
-    "MergeNotSupportedError",
-    "MultiPluginBlock",
-    "PatchPluginBlock",
-    "PatchPluginContainer",
-    "PluginBlock",
-    "ReplacePatchContainer",
-    "Selector",
-    "SelectorMatchError",
-    "SelectorSyntaxError",
-    "SinglePluginBlock",
-    "Target",
-    "UnsupportedLayerError",
-    "feed",
-    "load_adapter",
-    "parse_selector",
-    "parse_selectors",
-    "push_adapter",
-    "register_multi_plugin",
-    "register_patch_plugin",
-    "register_plugin",
-    "register_single_plugin",
-    "resolve",
-    "save_adapter",
-    "wrap_model",
-]
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
+_getattr, __dir__ = lazy_names(__name__, _EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name == "__version__":
+        from importlib.metadata import version
+
+        return version("peft-hcp")
+    return _getattr(name)
+
+
+def _is_command_process() -> bool:
+    """Whether this interpreter runs the ``peft-hcp`` command: its console script or ``python -m peft_hcp.cli``."""
+    argv0 = (getattr(sys, "argv", None) or [""])[0]  # an embedded interpreter may have no argv
+    if argv0 == "-m":  # runpy imports the parent packages of the module to run before it sets argv[0]
+        argv = sys.orig_argv
+        return "-m" in argv and argv[argv.index("-m") + 1 :][:1] == ["peft_hcp.cli"]
+    return os.path.splitext(os.path.basename(argv0))[0] in ("peft-hcp", "peft-hcp-script")
+
+
+if not _is_command_process():
+    adapters.register_bundled()

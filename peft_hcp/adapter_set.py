@@ -27,9 +27,9 @@ import copy
 import json
 import os
 import warnings
-from dataclasses import dataclass
 from typing import Optional, Union
 
+import torch
 from diffusers import ModelMixin
 from huggingface_hub import snapshot_download
 from peft import (
@@ -46,35 +46,27 @@ from safetensors.torch import save_file
 from torch import nn
 
 from peft_hcp.base.blocks import BlockLayer
-from peft_hcp.base.files import check_adapter_folder, read_safetensors
+from peft_hcp.base.components import pipeline_components
+from peft_hcp.base.config import HcpConfig
+from peft_hcp.base.files import check_adapter_folder, read_header, read_safetensors
+from peft_hcp.base.fit import mismatch_error
+from peft_hcp.base.names import check_adapter_name, is_inside
+from peft_hcp.base.preflight import blamed_on, fit_header, rehearse
+from peft_hcp.base.sharding import is_main_process as main_process
+from peft_hcp.base.snapshot import all_or_nothing
 from peft_hcp.errors import CheckpointError
+from peft_hcp.manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    PLUGIN_COMPONENTS,
+    SetEntry,
+    peft_type_of,
+    read_set,
+)
 
 
-MANIFEST_NAME = "adapter_set.json"
-MANIFEST_FORMAT = "peft-hcp-adapter-set"
-#: Pipeline components that may carry plugins, in the order they are saved.
-PLUGIN_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 _PEFT_PREFIX = "base_model.model."
-
-
-@dataclass(frozen=True)
-class SetEntry:
-    """One adapter of a set: where it lives on the model and in the folder."""
-
-    component: str  # "" for a bare model
-    name: str
-    subfolder: str  # relative to the set's root, "" for the root itself
-    peft_type: str
-
-
-def plugin_components(target: nn.Module) -> dict[str, nn.Module]:
-    """The modules of ``target`` that can carry adapters: a pipeline's components, or the model itself."""
-    components = getattr(target, "components", None)
-    if isinstance(components, dict) and not isinstance(target, nn.Module):
-        return {name: components[name] for name in PLUGIN_COMPONENTS if components.get(name) is not None}
-    if isinstance(target, nn.Module):
-        return {"": target}
-    raise TypeError(f"Expected a diffusers pipeline or a torch module, got {type(target).__name__}.")
 
 
 def adapter_names(module: nn.Module) -> list[str]:
@@ -82,71 +74,62 @@ def adapter_names(module: nn.Module) -> list[str]:
     return list(getattr(module, "peft_config", None) or {})
 
 
-def save_adapter(target, save_directory: str, adapter_names_: Optional[list[str]] = None) -> list[SetEntry]:
+def save_adapter(
+    target,
+    save_directory: str,
+    adapter_names_: Optional[list[str]] = None,
+    *,
+    is_main_process: Optional[bool] = None,
+) -> list[SetEntry]:
     """Save every adapter of a pipeline or model (or only ``adapter_names_``) as an adapter set.
 
-    Returns the entries written to the manifest. Raises ``ValueError`` when there is nothing to save.
+    Returns the entries written to the manifest. Raises ``ValueError`` when there is nothing to save, and,
+    before writing anything, when an adapter name is not a plain name or a file would land outside
+    ``save_directory`` (a symbolic link already there).
+
+    On a model sharded with FSDP2 every rank calls it (the adapters' tensors are gathered whole, a collective)
+    and only ``is_main_process`` writes; it defaults to rank 0 of the default process group (``True`` in one
+    process).
     """
-    entries: list[SetEntry] = []
-    for component, module in plugin_components(target).items():
+    writes = is_main_process if is_main_process is not None else main_process()
+    planned: list[tuple[nn.Module, SetEntry]] = []
+    for component, module in pipeline_components(target).items():
         names = [n for n in adapter_names(module) if adapter_names_ is None or n in adapter_names_]
         for name in names:
+            check_adapter_name(name)
             sub = component if len(names) == 1 else "/".join(p for p in (component, name) if p)
-            _save_one(module, name, os.path.join(save_directory, sub))
-            entries.append(SetEntry(component, name, sub, str(module.peft_config[name].peft_type.value)))
-    if not entries:
+            planned.append((module, SetEntry(component, name, sub, str(module.peft_config[name].peft_type.value))))
+    if not planned:
         wanted = f" named {adapter_names_}" if adapter_names_ else ""
         raise ValueError(f"{type(target).__name__} carries no adapters{wanted} to save.")
-    manifest = {"format": MANIFEST_FORMAT, "version": 1, "adapters": [e.__dict__ for e in entries]}
-    with open(os.path.join(save_directory, MANIFEST_NAME), "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=2)
+    files = [MANIFEST_NAME] + [
+        os.path.join(entry.subfolder, name) for _, entry in planned for name in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
+    ]
+    outside = [f for f in files if not is_inside(save_directory, os.path.join(save_directory, f))]
+    if outside:
+        raise ValueError(f"Saving to {save_directory} would write {outside[0]} outside it (a symbolic link?).")
+    for module, entry in planned:
+        _save_one(module, entry.name, os.path.join(save_directory, entry.subfolder), writes)
+    entries = [entry for _, entry in planned]
+    if writes:
+        manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "adapters": [e.__dict__ for e in entries]}
+        with open(os.path.join(save_directory, MANIFEST_NAME), "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2)
     return entries
 
 
-def _save_one(module: nn.Module, name: str, folder: str) -> None:
+def _save_one(module: nn.Module, name: str, folder: str, writes: bool) -> None:
+    state = get_peft_model_state_dict(module, adapter_name=name, save_embedding_layers=False)  # every rank
+    if not writes:
+        return
     os.makedirs(folder, exist_ok=True)
     config = copy.deepcopy(module.peft_config[name])
     config.inference_mode = True
     config.save_pretrained(folder)
-    state = get_peft_model_state_dict(module, adapter_name=name, save_embedding_layers=False)
     if not isinstance(module, PeftModel):  # the keys PeftModel.from_pretrained expects
         state = {_PEFT_PREFIX + key: value for key, value in state.items()}
     state = {key: value.detach().contiguous() for key, value in state.items()}
     save_file(state, os.path.join(folder, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-
-
-def read_set(folder: str) -> list[SetEntry]:
-    """The entries of the set in ``folder``: from its manifest, or found by its adapter folders."""
-    manifest = os.path.join(folder, MANIFEST_NAME)
-    if os.path.isfile(manifest):
-        with open(manifest, encoding="utf-8") as handle:
-            data = json.load(handle)
-        if data.get("format") != MANIFEST_FORMAT:
-            raise CheckpointError(f"{manifest} is not a peft-hcp adapter set manifest.")
-        return [SetEntry(**entry) for entry in data["adapters"]]
-    entries = []
-    for root, _, files in sorted(os.walk(folder)):
-        if CONFIG_NAME not in files:
-            continue
-        parts = [] if root == folder else os.path.relpath(root, folder).split(os.sep)
-        if len(parts) > 2:
-            continue
-        component = parts[0] if parts and parts[0] in PLUGIN_COMPONENTS else ""
-        rest = parts[1:] if component else parts
-        name = rest[0] if rest else "default"
-        entries.append(SetEntry(component, name, "/".join(parts), _peft_type_of(root)))
-    if not entries:
-        raise CheckpointError(f"{folder} holds no {CONFIG_NAME} and no {MANIFEST_NAME}: it is not an adapter folder.")
-    return entries
-
-
-def _peft_type_of(folder: str) -> str:
-    path = os.path.join(folder, CONFIG_NAME)
-    with open(path, encoding="utf-8") as handle:
-        peft_type = json.load(handle).get("peft_type")
-    if not isinstance(peft_type, str) or not peft_type:
-        raise CheckpointError(f"{path} has no 'peft_type': it does not say which adapter type it configures.")
-    return peft_type
 
 
 def resolve_source(
@@ -179,23 +162,38 @@ def load_adapter(
     cache_dir: Optional[str] = None,
     local_files_only: bool = False,
     is_trainable: bool = False,
+    hotswap: bool = False,
 ) -> list[SetEntry]:
     """Load an adapter set (or a single PEFT adapter folder) into a pipeline or model.
 
     ``adapter_name`` renames: a string when the set has one adapter name, or a ``{saved: new}`` dict.
     Local folders and Hub repo ids go through the same code (``revision``/``token`` are passed to the
-    Hub). Returns the loaded entries, with their names as loaded.
+    Hub). Returns the loaded entries, with their names as loaded. All or nothing: an entry that is refused
+    (its weights do not fit, its type is unknown) leaves the pipeline or model as it was.
+
+    ``hotswap=True`` copies the set's weights and scales into the adapters of the same names already there, in
+    place (also on a compiled model, see :mod:`peft_hcp.hotswap`); every entry is checked before any changes.
     """
     folder = resolve_source(path_or_repo_id, revision, token, cache_dir, local_files_only)
     entries = _renamed(read_set(folder), adapter_name)
-    components = plugin_components(target)
+    components = pipeline_components(target)
     placed = _place(entries, components)
-    for entry, module in placed:
-        _load_one(module, entry, os.path.join(folder, entry.subfolder) if entry.subfolder else folder, is_trainable)
-    for module in {id(m): m for _, m in placed}.values():
-        loaded = [e.name for e, m in placed if m is module]
-        previous = active_adapters(module)
-        set_adapter(module, list(dict.fromkeys(previous + loaded)), inference_mode=not is_trainable)
+    if hotswap:
+        from peft_hcp.hotswap import hotswap_entries  # it builds on this module
+
+        hotswap_entries(placed, folder)
+        return [entry for entry, _ in placed]
+    leaves = [os.path.join(folder, entry.subfolder) if entry.subfolder else folder for entry, _ in placed]
+    configs = _check_set(placed, leaves, folder)  # every leaf against its weights, before anything is attached
+    modules = list(dict.fromkeys(m for _, m in placed))
+    loaded_into = [w for e, m in placed if e.name in adapter_names(m) for w in _adapter_weights(m, e.name)]
+    with all_or_nothing(*modules, values=loaded_into):  # a refused entry takes the ones before it back
+        for (entry, module), leaf, config in zip(placed, leaves, configs):
+            _load_one(module, entry, leaf, config, is_trainable)
+        for module in modules:
+            loaded = [e.name for e, m in placed if m is module]
+            previous = active_adapters(module)
+            set_adapter(module, list(dict.fromkeys(previous + loaded)), inference_mode=not is_trainable)
     return [entry for entry, _ in placed]
 
 
@@ -221,60 +219,109 @@ def _place(entries: list[SetEntry], components: dict[str, nn.Module]) -> list[tu
     if list(components) == [""]:
         saved = sorted({e.component for e in entries})
         if len(saved) > 1:
-            raise ValueError(
+            raise CheckpointError(
                 f"The adapter set holds adapters for the components {saved}; load it into the pipeline, "
                 "not into one model."
             )
         return [(entry, components[""]) for entry in entries]
     missing = sorted({e.component or "<model>" for e in entries if e.component not in components})
     if missing:
-        raise ValueError(
+        raise CheckpointError(
             f"The adapter set holds adapters for {missing}, which this pipeline does not have "
             f"(it has {sorted(components)})."
         )
     return [(entry, components[entry.component]) for entry in entries]
 
 
-def _load_one(module: nn.Module, entry: SetEntry, folder: str, is_trainable: bool) -> None:
+def _check_set(placed: list[tuple[SetEntry, nn.Module]], leaves: list[str], folder: str) -> list[Optional[PeftConfig]]:
+    """Check every leaf folder, and rehearse every config against its weights file, before anything is attached.
+
+    The configs are attached in order to meta twins of their modules (:mod:`peft_hcp.base.preflight`), so a set
+    that does not fit, in any leaf, is refused whole with the model as it was. Returns each leaf's config
+    (``None`` for a ``PeftModel``, which reads its folder itself and is checked as it attaches).
+    """
+    for entry, _ in placed:
+        check_adapter_name(entry.name)  # a name given by adapter_name=
+    configs = [_leaf_config(module, entry, leaf) for (entry, module), leaf in zip(placed, leaves)]
+    checked = [
+        (entry, module, config, leaf) for (entry, module), leaf, config in zip(placed, leaves, configs) if config
+    ]
+    headers = [read_header(os.path.join(leaf, SAFETENSORS_WEIGHTS_NAME)) for *_, leaf in checked]
+    modules = list({id(module): module for _, module, *_ in checked}.values())
+
+    def step(twins: list[nn.Module]) -> None:
+        twin_of = {id(module): twin for module, twin in zip(modules, twins)}
+        for (entry, module, config, leaf), header in zip(checked, headers):
+            path = os.path.join(leaf, SAFETENSORS_WEIGHTS_NAME)
+            with blamed_on(path):
+                fit_header(twin_of[id(module)], config, entry.name, header, path)
+
+    rehearse(modules, step, folder, sum(map(len, headers)))
+    return configs
+
+
+def _leaf_config(module: nn.Module, entry: SetEntry, folder: str) -> Optional[PeftConfig]:
+    """Check one leaf folder and read its config (``None`` for a ``PeftModel``, which reads it itself)."""
     check_adapter_folder(folder)
     if not os.path.isfile(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)):
         raise CheckpointError(f"{folder} has no {SAFETENSORS_WEIGHTS_NAME}.")
     if isinstance(module, PeftModel):
-        module.load_adapter(folder, adapter_name=entry.name, is_trainable=is_trainable)
-        return
+        return None
     if entry.name in adapter_names(module):
         raise ValueError(f"{type(module).__name__} already has an adapter named {entry.name!r}; pass adapter_name.")
-    peft_type = _peft_type_of(folder)  # the folder's own config is authoritative, not the manifest
+    config = read_config(folder)
+    if isinstance(config, HcpConfig):
+        config.checkpoint_file = None  # checked with the whole set (_check_set)
+    return config
+
+
+def _load_one(
+    module: nn.Module, entry: SetEntry, folder: str, config: Optional[PeftConfig], is_trainable: bool
+) -> None:
+    if config is None:
+        module.load_adapter(folder, adapter_name=entry.name, is_trainable=is_trainable)
+        return
+    config.inference_mode = not is_trainable
+    attach(module, config, entry.name)
+    load_adapter_weights(module, entry.name, folder)
+
+
+def read_config(folder: str) -> PeftConfig:
+    """The config of the adapter folder ``folder``, of the type its own ``adapter_config.json`` names (the
+    folder's config is authoritative, not a manifest); the type must be registered in this process, and a
+    config file whose values do not make a config is a ``CheckpointError``."""
+    peft_type = peft_type_of(folder)
     config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
     if config_cls is None:
         raise CheckpointError(
             f"{folder} holds an adapter of type {peft_type!r}, which is not registered in this process. "
             "Import the package that defines it first (`import peft_hcp` for the bundled types)."
         )
-    config: PeftConfig = config_cls.from_pretrained(folder)
-    config.inference_mode = not is_trainable
-    attach(module, config, entry.name)
     try:
-        load_adapter_weights(module, entry.name, folder)
-    except Exception:
-        detach(module, entry.name)
+        return config_cls.from_pretrained(folder)
+    except CheckpointError:
         raise
+    except (TypeError, ValueError) as exc:  # PEFT's own types: a value its config refuses
+        raise CheckpointError(f"{folder}/{CONFIG_NAME}: cannot be read as a {config_cls.__name__}: {exc}") from exc
 
 
 def load_adapter_weights(module: nn.Module, adapter_name: str, folder: str) -> None:
     """Load a PEFT adapter folder's weights into adapter ``adapter_name``, already attached in place.
 
-    Strict: peft-hcp tuners refuse missing, unknown and mis-shaped weights (naming them); weights that no
-    adapter layer claims are refused here.
+    Strict: peft-hcp tuners refuse missing, unknown and mis-shaped weights (naming them) before copying any;
+    weights that no adapter layer claims are refused here, the adapter's weights put back as they were.
     """
-    weights = read_safetensors(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))
-    result = set_peft_model_state_dict(module, weights, adapter_name=adapter_name)
-    unexpected = list(result.unexpected_keys)
-    if unexpected:
-        raise CheckpointError(
-            f"{folder}: the checkpoint has weights this model's adapter {adapter_name!r} does not have: "
-            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-        )
+    path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+    weights = read_safetensors(path)
+    with all_or_nothing(module, values=_adapter_weights(module, adapter_name)):
+        result = set_peft_model_state_dict(module, weights, adapter_name=adapter_name)
+        if result.unexpected_keys:
+            raise mismatch_error(path, f"this model's adapter {adapter_name!r}", unexpected=result.unexpected_keys)
+
+
+def _adapter_weights(module: nn.Module, adapter_name: str) -> list[torch.Tensor]:
+    """The tensors of adapter ``adapter_name`` of ``module`` (those a load into it writes)."""
+    return list(get_peft_model_state_dict(module, adapter_name=adapter_name, save_embedding_layers=False).values())
 
 
 def attach(module: nn.Module, config: PeftConfig, adapter_name: str) -> None:
@@ -282,21 +329,23 @@ def attach(module: nn.Module, config: PeftConfig, adapter_name: str) -> None:
 
     diffusers models go through their own ``add_adapter``; other models (a transformers text encoder)
     get the same bookkeeping, which diffusers' pipeline ``set_adapters``/``delete_adapters`` read. The
-    adapters active before stay active. A refused attach leaves ``module`` as it was.
+    adapters active before stay active. A refused attach leaves ``module`` as it was; ``adapter_name`` must be
+    a plain name (:func:`~peft_hcp.base.names.check_adapter_name`).
     """
+    check_adapter_name(adapter_name)
     active = active_adapters(module)
-    with warnings.catch_warnings():  # several adapters on one model is the point here
+    with all_or_nothing(module), warnings.catch_warnings():  # several adapters on one model is the point here
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         if isinstance(module, ModelMixin):
-            module.add_adapter(config, adapter_name)  # a refusal is rolled back by the peft-hcp tuner
+            module.add_adapter(config, adapter_name)
         else:
             inject_adapter_in_model(config, module, adapter_name)
             if not isinstance(getattr(module, "peft_config", None), dict):
                 module.peft_config = {}
             module.peft_config[adapter_name] = config
             module._hf_peft_config_loaded = True
-    if active:
-        set_adapter(module, active + [adapter_name], inference_mode=config.inference_mode)
+        if active:
+            set_adapter(module, active + [adapter_name], inference_mode=config.inference_mode)
 
 
 def detach(module: nn.Module, adapter_name: str) -> None:
@@ -345,7 +394,7 @@ __all__ = [
     "detach",
     "load_adapter",
     "load_adapter_weights",
-    "plugin_components",
+    "read_config",
     "read_set",
     "resolve_source",
     "save_adapter",

@@ -15,12 +15,19 @@ module named in the file: only types registered in this process can be built.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, Optional, TypeVar
 
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType, register_peft_method
+
+
+if TYPE_CHECKING:  # registry sits below base/: the types only, for the checker
+    from peft_hcp.base.config import HcpConfig
+    from peft_hcp.base.tuner import HcpTuner
 
 
 TYPE_PREFIX = "hcp_"
@@ -35,7 +42,7 @@ def peft_type_for(name: str) -> PeftType:
     member = str.__new__(PeftType, key)
     member._name_ = key
     member._value_ = key
-    member.__objclass__ = PeftType
+    setattr(member, "__objclass__", PeftType)  # noqa: B010 - what Enum sets on its own members
     type.__setattr__(PeftType, key, member)
     PeftType._member_map_[key] = member
     PeftType._value2member_map_[key] = member
@@ -64,12 +71,23 @@ def register_tuner(name: str, config_cls: type, model_cls: type) -> PeftType:
     return peft_type
 
 
+def registered_types() -> dict[str, type]:
+    """Every registered peft-hcp type, ``{type name: config class}``, in registration order (the bundled
+    types on ``import peft_hcp``, then user plugins as their modules are imported)."""
+    prefix = TYPE_PREFIX.upper()
+    return {
+        peft_type.value.lower(): config_cls
+        for peft_type, config_cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()
+        if peft_type.value.startswith(prefix)
+    }
+
+
 def _same_class(a: type, b: type) -> bool:
     """True for the same class, or the same class defined again by a module reload."""
     return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
-def bind_type(model_cls: type, config_cls: type) -> None:
+def bind_type(model_cls: type[HcpTuner], config_cls: type[HcpConfig]) -> None:
     """Bind ``config_cls`` to the tuner ``model_cls`` and register the PEFT type named after its layer class.
 
     A tuner class statement calls this through its ``config_cls`` keyword::
@@ -81,8 +99,22 @@ def bind_type(model_cls: type, config_cls: type) -> None:
     if not issubclass(config_cls, layer_cls.config_base):
         raise TypeError(f"{config_cls.__name__} must subclass {layer_cls.config_base.__name__}.")
     config_cls.type_name = layer_cls.type_name
-    config_cls.plugin_cls = layer_cls.block_cls
+    config_cls.plugin_cls = inspect.getattr_static(layer_cls, "block_cls")  # a LazyClass stays lazy
     register_tuner(layer_cls.type_name, config_cls, model_cls)
+
+
+class LazyClass:
+    """A class attribute naming a class that is imported on first access: ``LazyClass("pkg.module", "Name")``.
+
+    A layer class may name its block so (``block_cls=LazyClass(...)``): its type registers with PEFT at once,
+    and the block's module (the ControlNets' model code) is imported when an adapter is first attached.
+    """
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __get__(self, obj: object, owner: Optional[type] = None) -> type:
+        return getattr(importlib.import_module(self.module), self.name)
 
 
 def generated_type(type_name: str, block_cls: type, layer_base: type, model_base: type) -> Callable[[ConfigT], ConfigT]:

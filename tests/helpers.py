@@ -13,6 +13,7 @@ from typing import Optional
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_hcp.embedded import default_resolution, embedded_pipeline
@@ -45,12 +46,14 @@ class ModelSnapshot:
     attributes: list[str]
     adapters: Optional[list[str]]
     peft_loaded: Optional[bool]
+    layer_adapters: list[tuple[str, list[str], list[str], bool]]
     output: Optional[torch.Tensor]
 
 
 def model_snapshot(model: nn.Module, run: Optional[Callable[[nn.Module], torch.Tensor]] = None) -> ModelSnapshot:
-    """Record ``model``'s state dict, module tree, trainability, hooks, attributes, adapter bookkeeping and
-    (given ``run``) the output ``run(model)``."""
+    """Record ``model``'s state dict, module tree, trainability, hooks, attributes, adapter bookkeeping (the
+    model's configs, each tuner layer's active, merged and disabled adapters) and (given ``run``) the output
+    ``run(model)``."""
     config = getattr(model, "peft_config", None)
     return ModelSnapshot(
         run=run,
@@ -61,6 +64,11 @@ def model_snapshot(model: nn.Module, run: Optional[Callable[[nn.Module], torch.T
         attributes=sorted(vars(model)),
         adapters=None if config is None else list(config),
         peft_loaded=getattr(model, "_hf_peft_config_loaded", None),
+        layer_adapters=[
+            (name, list(m.active_adapters), list(m.merged_adapters), m.disable_adapters)
+            for name, m in model.named_modules()
+            if isinstance(m, BaseTunerLayer)
+        ],
         output=None if run is None else run(model),
     )
 
@@ -76,6 +84,7 @@ def assert_model_unchanged(before: ModelSnapshot, model: nn.Module) -> None:
     assert after.hooks == before.hooks
     assert after.attributes == before.attributes, set(after.attributes) ^ set(before.attributes)
     assert (after.adapters, after.peft_loaded) == (before.adapters, before.peft_loaded)
+    assert after.layer_adapters == before.layer_adapters
     if before.run is not None:
         torch.testing.assert_close(after.output, before.output, rtol=0, atol=0, equal_nan=True)
 

@@ -4,37 +4,17 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from peft_hcp.embedded import tiny_vae, tokenizer_path
-from peft_hcp.embedded.models import SDXL_TEXT_EMBEDS, tiny_sdxl_unet
-
-
-def _text_config(hidden: int) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=1000,
-        hidden_size=hidden,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
-        projection_dim=SDXL_TEXT_EMBEDS,
-    )
+from peft_hcp.embedded.models import SDXL_TEXT_EMBEDS, tiny_clip_text_config, tiny_sdxl_unet
 
 
 def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """SDXL's layout at toy size: two CLIP encoders (32 + 32 = the UNet's 64 cross-attention features)."""
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_text_config(32)).eval()
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(32)).eval()
+    text_encoder = CLIPTextModel(tiny_clip_text_config(32, projection_dim=SDXL_TEXT_EMBEDS)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_text_config(32, projection_dim=SDXL_TEXT_EMBEDS)).eval()
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_path())
     vae: AutoencoderKL = tiny_vae(seed)
     pipe = StableDiffusionXLPipeline(

@@ -181,3 +181,16 @@ def test_pickled_weights_are_refused_without_unpickling(unet, tmp_path):
     with pytest.raises(CheckpointError, match=r"adapter_model\.bin, a pickle"):
         PeftModel.from_pretrained(tiny_unet(), tmp_path)
     assert not witness.exists()
+
+
+def test_the_weights_file_a_config_was_read_with_is_never_saved(unet, tmp_path):
+    get_peft_model(unet, HcpLoraConfig(target_modules=TARGETS)).save_pretrained(tmp_path / "a")
+    written = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert "checkpoint_file" not in written
+    written["checkpoint_file"] = str(tmp_path / "elsewhere.safetensors")  # a file cannot point it elsewhere
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(written))
+    with pytest.warns(UserWarning, match="checkpoint_file"):
+        config = HcpLoraConfig.from_pretrained(str(tmp_path / "a"))
+    assert config.checkpoint_file == str(tmp_path / "a" / "adapter_model.safetensors")
+    config.save_pretrained(str(tmp_path / "b"))
+    assert "checkpoint_file" not in json.loads((tmp_path / "b" / "adapter_config.json").read_text())

@@ -10,7 +10,7 @@ from typing import ClassVar, Optional
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 from peft import PeftConfig
-from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from peft_hcp.base.files import check_adapter_folder, check_safetensors_file
 from peft_hcp.errors import CheckpointError
@@ -43,6 +43,16 @@ class HcpConfig(PeftConfig):
     peft_hcp_version: Optional[str] = field(
         default=None, metadata={"help": "peft-hcp version that wrote the config; `import peft_hcp` to load it."}
     )
+    checkpoint_file: Optional[str] = field(
+        default=None,
+        init=False,
+        repr=False,
+        compare=False,
+        metadata={
+            "help": "Set by from_pretrained, never saved: the weights file beside the config. An adapter attached "
+            "with this config has that file checked against it as it attaches (see peft_hcp.base.tuner)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,24 +75,37 @@ class HcpConfig(PeftConfig):
     def _check_selector(self, field_name: str, selector) -> None:
         """Refuse a selector this kind cannot act on (overridden per kind)."""
 
+    def to_dict(self) -> dict:
+        values = super().to_dict()
+        del values["checkpoint_file"]  # where this process read it from: not part of the config
+        return values
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """PEFT's loader, after checking that the weights beside the config are whole safetensors.
-
-        The config is marked ``awaiting_checkpoint`` (not saved): an adapter attached with it is removed again
-        if its checkpoint's weights are refused (see :mod:`peft_hcp.base.tuner`).
-        """
-        _check_weights_source(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        config.awaiting_checkpoint = True
+        """PEFT's loader, after checking that the weights beside the config are whole safetensors; the
+        config's ``checkpoint_file`` names them, and what it builds is checked against that file before it is
+        attached (:mod:`peft_hcp.base.preflight`). A config file whose values do not make a config is a
+        ``CheckpointError``."""
+        weights = _check_weights_source(pretrained_model_name_or_path, subfolder, cls._split_kwargs(kwargs)[0])
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError) as exc:
+            where = os.path.join(pretrained_model_name_or_path, subfolder or "", CONFIG_NAME)
+            raise CheckpointError(f"{where}: cannot be read as a {cls.__name__}: {exc}") from exc
+        config.checkpoint_file = weights
         return config
 
 
-def _check_weights_source(source: str, subfolder: Optional[str], hub_kwargs: dict) -> None:
+def _check_weights_source(source: str, subfolder: Optional[str], hub_kwargs: dict) -> Optional[str]:
+    """The safetensors weights file of an adapter folder or Hub repo, checked whole; ``None`` when there is none
+    (PEFT's loader then says so in its own words)."""
     folder = os.path.join(source, subfolder) if subfolder else source
     if os.path.isdir(folder):
         check_adapter_folder(folder)
-        return
+        path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+        return path if os.path.isfile(path) else None
     filename = f"{subfolder}/{SAFETENSORS_WEIGHTS_NAME}" if subfolder else SAFETENSORS_WEIGHTS_NAME
     hub_kwargs = {k: v for k, v in hub_kwargs.items() if k != "subfolder"}
     try:
@@ -92,5 +115,6 @@ def _check_weights_source(source: str, subfolder: Optional[str], hub_kwargs: dic
             f"{source} has no {filename}; peft-hcp loads adapter weights from safetensors only."
         ) from exc
     except Exception:  # noqa: BLE001 - not a repo we can reach: PEFT reports it in its own words
-        return
+        return None
     check_safetensors_file(path)
+    return path

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from torch import nn
+
+from peft_hcp.base.components import pipeline_components
 
 
 if TYPE_CHECKING:
@@ -76,18 +77,6 @@ def call_state() -> Optional[CallState]:
     return call
 
 
-def _modules_of(target: Any) -> list[nn.Module]:
-    if isinstance(target, nn.Module):
-        return [target]
-    components = getattr(target, "components", None)
-    if isinstance(components, dict):  # a diffusers pipeline
-        return [m for m in components.values() if isinstance(m, nn.Module)]
-    raise TypeError(
-        f"feed() takes a torch module (a model, PeftModel or DDP wrapper) or a diffusers pipeline, "
-        f"got {type(target).__name__}."
-    )
-
-
 def fed_plugins(target: Any) -> list[WeightedBlock]:
     """The plugin blocks inside ``target`` (module or pipeline) that take fed inputs, each once."""
     from peft_hcp.base.blocks import (
@@ -95,7 +84,7 @@ def fed_plugins(target: Any) -> list[WeightedBlock]:
     )
 
     seen: dict[int, WeightedBlock] = {}
-    for root in _modules_of(target):
+    for root in pipeline_components(target, names=None).values():
         for module in root.modules():
             if isinstance(module, WeightedBlock) and module.input_keys:
                 seen.setdefault(id(module), module)

@@ -7,9 +7,12 @@ costs no hook dispatch, lets state dicts, device moves and ``deepcopy`` see the 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import nn
 
-from peft_hcp.base.blocks import BlockLayer
+from peft_hcp.base.blocks import BlockLayer, HostedBlock
+from peft_hcp.base.config import HcpConfig
 from peft_hcp.errors import UnsupportedLayerError
 
 
@@ -21,7 +24,9 @@ _HOST_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "ke
 class HostLayer(BlockLayer):
     """Holds ``base_layer`` and the per-adapter blocks; subclasses write ``forward`` (and merging)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
+    block_cls: ClassVar[type[HostedBlock]]
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: HcpConfig) -> None:
         super().__init__()
         self.base_layer = base_layer
         self._active_adapter = adapter_name
@@ -33,7 +38,7 @@ class HostLayer(BlockLayer):
             self.in_features, self.out_features = host.in_channels, host.out_channels
         self.update_layer(adapter_name, config)
 
-    def update_layer(self, adapter_name: str, config) -> None:
+    def update_layer(self, adapter_name: str, config: HcpConfig) -> None:
         host = self.get_base_layer()
         if not isinstance(host, self.block_cls.wrapable_classes):
             raise UnsupportedLayerError(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from diffusers import (
@@ -55,12 +55,12 @@ def sd15_unet(seed: int = 0) -> UNet2DConditionModel:
     )
 
 
-def tiny_clip_text_model(seed: int = 0) -> CLIPTextModel:
-    """A two-layer CLIP text encoder whose hidden size matches :func:`tiny_unet`'s cross-attention."""
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
+def tiny_clip_text_config(hidden_size: int = TINY_CROSS_DIM, **overrides: Any) -> CLIPTextConfig:
+    """The config of a two-layer CLIP text encoder for the tiny tokenizer; ``overrides`` (SDXL's second encoder:
+    ``projection_dim``) are further config fields."""
+    return CLIPTextConfig(
         vocab_size=1000,
-        hidden_size=TINY_CROSS_DIM,
+        hidden_size=hidden_size,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -68,8 +68,14 @@ def tiny_clip_text_model(seed: int = 0) -> CLIPTextModel:
         bos_token_id=0,
         eos_token_id=2,
         pad_token_id=1,
+        **overrides,
     )
-    return CLIPTextModel(config).eval()
+
+
+def tiny_clip_text_model(seed: int = 0) -> CLIPTextModel:
+    """A two-layer CLIP text encoder whose hidden size matches :func:`tiny_unet`'s cross-attention."""
+    torch.manual_seed(seed)
+    return CLIPTextModel(tiny_clip_text_config()).eval()
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:

@@ -25,7 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from peft_hcp.base.components import pipeline_components
 from peft_hcp.base.files import read_safetensors
+from peft_hcp.base.fit import check_state_dict
 from peft_hcp.embedded.models import tiny_clip_text_model, tiny_unet, tiny_vae
 from peft_hcp.errors import CheckpointError
 
@@ -64,8 +66,8 @@ def save_base_weights(pipe: StableDiffusionPipeline, path: str, dtype: torch.dty
     """Write the base components' weights (as ``dtype``) and the VAE scaling factor to one safetensors file."""
     tensors = {
         f"{name}.{key}": value.detach().to(dtype).contiguous()
-        for name in BASE_COMPONENTS
-        for key, value in getattr(pipe, name).state_dict().items()
+        for name, model in pipeline_components(pipe, BASE_COMPONENTS).items()
+        for key, value in model.state_dict().items()
     }
     save_file(tensors, path, metadata={SCALING_FACTOR_KEY: repr(float(pipe.vae.config.scaling_factor))})
 
@@ -81,20 +83,13 @@ def load_base_weights(pipe: StableDiffusionPipeline, path: str) -> None:
     if scaling_factor is None:
         raise CheckpointError(f"{path} has no {SCALING_FACTOR_KEY!r} in its metadata; it is not a base weights file.")
     states = {}
-    for name in BASE_COMPONENTS:
+    components = pipeline_components(pipe, BASE_COMPONENTS)
+    for name, model in components.items():
         prefix = f"{name}."
         states[name] = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
-        expected = getattr(pipe, name).state_dict()
-        missing = sorted(expected.keys() - states[name].keys())
-        unexpected = sorted(states[name].keys() - expected.keys())
-        misshapen = [k for k in expected.keys() & states[name].keys() if expected[k].shape != states[name][k].shape]
-        if missing or unexpected or misshapen:
-            raise CheckpointError(
-                f"{path} does not fit the pipeline's {name}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                f"of another shape {misshapen[:3]} (first three of each)."
-            )
+        check_state_dict(states[name], model.state_dict(), path, f"the pipeline's {name}")
     for name, state in states.items():
-        getattr(pipe, name).load_state_dict(state, strict=True)
+        components[name].load_state_dict(state, strict=True)
     pipe.vae.register_to_config(scaling_factor=float(scaling_factor))
 
 

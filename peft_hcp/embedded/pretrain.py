@@ -20,38 +20,17 @@ seeded by ``--seed``, so the same torch version and thread count reproduce the f
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
-from dataclasses import dataclass, fields
-from typing import Optional
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from peft_hcp.commands.pretrain import PretrainPlan
+
 
 #: Seeds of the samples the base is measured on (:func:`measure`).
 FOLLOW_SEEDS = (0, 1, 2)
-
-
-@dataclass(frozen=True)
-class PretrainPlan:
-    """The hyper-parameters of :func:`pretrain` (every field is a ``--option`` of the command)."""
-
-    seed: int = 0
-    vae_steps: int = 1000
-    vae_batch: int = 32
-    vae_lr: float = 2e-3
-    kl_weight: float = 1e-6
-    pool: int = 8192  # images whose latents stage 2 draws its batches from
-    steps: int = 2400
-    batch: int = 32
-    lr: float = 2e-3
-    warmup: int = 100
-    snr_gamma: float = 5.0
-    caption_dropout: float = 0.1
-    ema_decay: float = 0.997
-    threads: int = 1
 
 
 def _batches(dataset, batch: int, steps: int):
@@ -230,46 +209,7 @@ def pretrain(plan: PretrainPlan, out: str):
     return pipe
 
 
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "pretrain-base",
-        help="pre-train the embedded tiny pipeline (writes the shipped base weights)",
-        description=__doc__.split("\n\n")[1],
-    )
-    _options(parser)
-    parser.set_defaults(func=run)
-
-
-def _options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=None, help="where to write the weights (default: the package's asset)")
-    for spec in fields(PretrainPlan):
-        parser.add_argument(f"--{spec.name.replace('_', '-')}", type=type(spec.default), default=spec.default)
-
-
-def run(args: argparse.Namespace) -> int:
-    from peft_hcp.embedded.pipeline import (
-        base_weights_path,
-        load_base_weights,
-        untrained_pipeline,
-    )
-
-    plan = PretrainPlan(**{spec.name: getattr(args, spec.name) for spec in fields(PretrainPlan)})
-    out = args.out or base_weights_path()
-    began = time.perf_counter()
-    pretrain(plan, out)
-    minutes = (time.perf_counter() - began) / 60
-    shipped = untrained_pipeline()  # measure what was written (fp16), as embedded_pipeline() loads it
-    shipped.set_progress_bar_config(disable=True)
-    load_base_weights(shipped, out)
-    print(f"{measure(shipped)}\nbase weights written to {out} in {minutes:.1f} min")
-    return 0
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m peft_hcp.embedded.pretrain", description=__doc__.split("\n\n")[1])
-    _options(parser)
-    return run(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from peft_hcp.cli import main
+
+    sys.exit(main(["pretrain-base", *sys.argv[1:]]))

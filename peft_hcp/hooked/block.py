@@ -20,7 +20,7 @@ other's values. Outside any ``feed`` a block uses its own cache, so one model ru
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, cast
 
 import torch
 from torch import nn
@@ -86,7 +86,9 @@ def with_element(value: Any, index: int, new: Any) -> Any:
     if isinstance(value, (tuple, list)):
         items = list(value)
         items[index] = new
-        return value._replace(**{value._fields[index]: new}) if hasattr(value, "_fields") else type(value)(items)
+        if hasattr(value, "_fields"):  # a namedtuple
+            return cast(Any, value)._replace(**{cast(Any, value)._fields[index]: new})
+        return type(value)(items)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.replace(value, **{dataclasses.fields(value)[index].name: new})
     return new

@@ -16,12 +16,12 @@ unloading that other adapter keeps these hooks in place.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, cast
 
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_hcp.base.blocks import BlockLayer
+from peft_hcp.base.unwrap import base_module
 from peft_hcp.errors import MergeNotSupportedError, SelectorMatchError
 from peft_hcp.hooked.block import MultiPluginBlock, PluginBlock, _HookedBlock
 from peft_hcp.hooked.config import HcpMultiPluginConfig, HcpPluginConfig
@@ -42,9 +42,10 @@ class HookedPluginLayer(BlockLayer):
 
     block_base: ClassVar[type] = _HookedBlock
     block_cls: ClassVar[type[_HookedBlock]]
+    snapshot_attrs: ClassVar[tuple[str, ...]] = ("_hooks",)
     # a tuner layer that wraps nothing must not resolve `weight` / `bias` through BaseTunerLayer (itself)
-    weight = None
-    bias = None
+    weight = None  # type: ignore[assignment]
+    bias = None  # type: ignore[assignment]
 
     def __init__(self) -> None:
         super().__init__()
@@ -65,7 +66,7 @@ class HookedPluginLayer(BlockLayer):
         self.blocks[adapter_name] = blocks.to(device) if device is not None else blocks
         handles = []
         for target, role, idx in specs:
-            host = target.module.get_base_layer() if isinstance(target.module, BaseTunerLayer) else target.module
+            host = base_module(target.module)
             if target.prehook:
                 handle = host.register_forward_pre_hook(
                     partial(self._pre_hook, adapter_name, role, idx), with_kwargs=True
@@ -185,7 +186,7 @@ class PluginLayer(HookedPluginLayer):
         return blocks, specs
 
     def dispatch(self, adapter_name: str, role: str, idx: int, args: tuple, kwargs: dict, output: Any) -> Any:
-        block = self.blocks[adapter_name][idx]
+        block = cast(PluginBlock, cast(nn.ModuleList, self.blocks[adapter_name])[idx])
         if role == "from":
             block.from_layer_hook(args, kwargs, output)
             return None
@@ -212,7 +213,7 @@ class MultiPluginLayer(HookedPluginLayer):
         return block, specs
 
     def dispatch(self, adapter_name: str, role: str, idx: int, args: tuple, kwargs: dict, output: Any) -> Any:
-        block = self.blocks[adapter_name]
+        block = cast(MultiPluginBlock, self.blocks[adapter_name])
         if role == "from":
             block.from_layer_hook(idx, args, kwargs, output)
             return None

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
+from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -59,13 +60,15 @@ class HcpHookedModel(HcpTuner):
         elif not isinstance(existing, self.tuner_layer_cls):
             raise ValueError(f"{type(model).__name__} already has an attribute {name!r}; cannot attach {name} plugins.")
 
-    def _check_target_module_exists(self, peft_config: Any, key: str) -> bool:
+    def _check_target_module_exists(self, peft_config: PeftConfig, key: str) -> bool:  # type: ignore[override]
         return key == self.container_name()
 
     def _add_adapter_to(
         self, target: nn.Module, target_name: str, parent: nn.Module, config, adapter_name: str
     ) -> None:
-        target.update_layer(adapter_name, config, parent)  # the target is the container; its parent the root
+        cast(HookedPluginLayer, target).update_layer(
+            adapter_name, config, parent
+        )  # the target is the container; its parent the root
 
     def _merge_layers(self, safe_merge: bool, adapter_names: Optional[list[str]]) -> None:
         getattr(self.model, self.container_name()).merge(safe_merge, adapter_names)  # refuses, saying why

@@ -10,6 +10,7 @@ from typing import Any, Optional
 from huggingface_hub import ModelCard, ModelCardData
 
 from peft_hcp.adapter_set import SetEntry
+from peft_hcp.base.components import DENOISERS
 
 
 TEMPLATE = "adapter_card.md"
@@ -41,7 +42,7 @@ def render_card(
         base_model=base_model,
         license=license,
         tags=["peft-hcp", *kinds, "diffusers", *(tags or [])],
-        pipeline_tag="text-to-image" if any(e.component in ("unet", "transformer") for e in entries) else None,
+        pipeline_tag="text-to-image" if any(e.component in DENOISERS for e in entries) else None,
     )
     components = {e.component for e in entries}
     single = next(iter(components)) if len(entries) == len(components) == 1 and entries[0].subfolder else None

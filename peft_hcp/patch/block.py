@@ -23,18 +23,14 @@ from typing import Any, ClassVar, Optional
 
 from torch import nn
 
-from peft_hcp.base.blocks import WeightedBlock
+from peft_hcp.base.blocks import HostedBlock
 from peft_hcp.errors import MergeNotSupportedError
 
 
-class PatchPluginBlock(WeightedBlock):
+class PatchPluginBlock(HostedBlock):
     """One adapter's patch of one module. Subclass it, set ``wrapable_classes``, override the two steps."""
 
-    wrapable_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
     container_cls: ClassVar[Optional[type[nn.Module]]] = None  # None: PatchPluginContainer
-
-    def __init__(self, host: nn.Module, config) -> None:
-        super().__init__()
 
     def pre_forward(self, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         return args, kwargs

@@ -21,7 +21,7 @@ container returns exactly what the original module returns.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, cast
 
 from peft_hcp.base.host_layer import HostLayer
 from peft_hcp.errors import MergeNotSupportedError
@@ -38,7 +38,8 @@ class PatchPluginContainer(HostLayer):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         blocks = self.blocks
-        patches = [] if self.disable_adapters else [blocks[n] for n in self.active_adapters if n in blocks]
+        active = [] if self.disable_adapters else [blocks[n] for n in self.active_adapters if n in blocks]
+        patches = cast(list[PatchPluginBlock], active)
         if not patches:
             return self.base_layer(*args, **kwargs)
         for patch in patches:
@@ -60,7 +61,9 @@ class PatchPluginContainer(HostLayer):
         names = adapter_names if adapter_names is not None else self.active_adapters
         for name in names:
             if name in self.blocks:
-                self.blocks[name].get_delta_weight()  # raises MergeNotSupportedError, saying why
+                cast(
+                    PatchPluginBlock, self.blocks[name]
+                ).get_delta_weight()  # raises MergeNotSupportedError, saying why
         raise MergeNotSupportedError(f"{type(self).__name__}: patches cannot be merged into a module's weights.")
 
     def unmerge(self) -> None:

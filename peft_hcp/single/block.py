@@ -24,20 +24,15 @@ from __future__ import annotations
 from typing import ClassVar, Optional
 
 import torch
-from torch import nn
 
-from peft_hcp.base.blocks import WeightedBlock
+from peft_hcp.base.blocks import HostedBlock
 from peft_hcp.errors import MergeNotSupportedError
 
 
-class SinglePluginBlock(WeightedBlock):
+class SinglePluginBlock(HostedBlock):
     """One adapter on one host layer. Subclass it, set ``wrapable_classes``, write ``forward``."""
 
-    wrapable_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
     hook_param: ClassVar[Optional[str]] = None
-
-    def __init__(self, host: nn.Module, config) -> None:
-        super().__init__()
 
     def get_delta_weight(self) -> torch.Tensor:
         """The change this block makes to the host's weight, when it does not depend on that weight."""

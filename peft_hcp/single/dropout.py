@@ -12,7 +12,7 @@ from uniform noise.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,8 @@ def dropout_down(x: torch.Tensor, down: Union[nn.Linear, nn.Conv2d], dropout: nn
     if not _saves_less(down, dropout):
         return down(dropout(x))
     geometry = None if isinstance(down, nn.Linear) else (down.stride, down.padding, down.dilation)
-    return DropoutProjection.apply(x, down.weight, 1.0 - dropout.p, geometry)
+    keep = 1.0 - cast(nn.Dropout, dropout).p  # _saves_less checked the type
+    return DropoutProjection.apply(x, down.weight, keep, geometry)
 
 
 def _saves_less(down: nn.Module, dropout: nn.Module) -> bool:
@@ -98,6 +99,7 @@ def _project_backward(
         grad_input = grad_out @ weight if needs_input else None
         if not needs_weight:
             return grad_input, None
+        assert dropped is not None  # saved whenever the weight needs a gradient
         return grad_input, grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped.reshape(-1, shape[-1])
     stride, padding, dilation = geometry
     inputs = dropped if needs_weight else grad_out.new_empty(shape)  # only its shape is read then

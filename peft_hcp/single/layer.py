@@ -7,14 +7,15 @@ block_cls=LoraBlock)``.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, cast
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from peft_hcp.base.host_layer import HostLayer
+from peft_hcp.base.unwrap import tuner_layers
 from peft_hcp.single.block import SinglePluginBlock
 from peft_hcp.single.config import HcpSingleConfig
 
@@ -30,19 +31,18 @@ class SinglePluginLayer(HostLayer):
     block_base: ClassVar[type] = SinglePluginBlock
     config_base: ClassVar[type] = HcpSingleConfig
     block_cls: ClassVar[type[SinglePluginBlock]]
+    snapshot_attrs: ClassVar[tuple[str, ...]] = ("_weights_before_merge",)
+
+    def _block(self, adapter_name: str) -> SinglePluginBlock:
+        return cast(SinglePluginBlock, self.blocks[adapter_name])
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config) -> None:
         super().__init__(base_layer, adapter_name, config)
         self._weights_before_merge: dict[str, torch.Tensor] = {}
         hook_param = self.block_cls.hook_param
-        self._param_path = ".".join(["base_layer"] * self._depth() + [hook_param]) if hook_param else None
-
-    def _depth(self) -> int:
-        """How many tuner layers sit between this one and the host (0 when it wraps the host)."""
-        depth, layer = 0, self.base_layer
-        while isinstance(layer, BaseTunerLayer):
-            depth, layer = depth + 1, layer.base_layer
-        return depth
+        # the host's parameter, through the tuner layers between this one and the host
+        depth = len(tuner_layers(self.base_layer))
+        self._param_path = ".".join(["base_layer"] * depth + [hook_param]) if hook_param else None
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         if self.disable_adapters:
@@ -62,21 +62,24 @@ class SinglePluginLayer(HostLayer):
             return out
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        host_param = getattr(self.get_base_layer(), self.block_cls.hook_param)
+        host_param = getattr(self.get_base_layer(), cast(str, self.block_cls.hook_param))
         param = host_param
         for block in active:
             param = block(param)
-        return self._forward_with_param(param.to(host_param.dtype), x, args, kwargs)
+        return self._forward_with_param(self._param_path, param.to(host_param.dtype), x, args, kwargs)
 
-    def _forward_with_param(self, param: torch.Tensor, x: Any, args: tuple, kwargs: dict) -> Any:
-        """Run the host with ``param`` in place of its hooked parameter."""
+    def _forward_with_param(self, path: str, param: torch.Tensor, x: Any, args: tuple, kwargs: dict) -> Any:
+        """Run the host with ``param`` in place of its hooked parameter (at ``path`` from this layer). The direct
+        ``F.linear`` / conv call skips the host's own hooks, so it is taken only for a host without any (a
+        cross-layer plugin reading or changing that layer has put its hooks there)."""
         base = self.base_layer
-        if self._param_path == "weight" and not args and not kwargs:
+        hooked = base._forward_hooks or base._forward_pre_hooks
+        if path == "weight" and not args and not kwargs and not hooked:
             if type(base) is nn.Linear:
                 return F.linear(x, param, base.bias)
             if type(base) is nn.Conv2d:
                 return base._conv_forward(x, param, base.bias)
-        return torch.func.functional_call(base, {self._param_path: param}, (x, *args), kwargs)
+        return torch.func.functional_call(base, {path: param}, (x, *args), kwargs)
 
     # -- merging -------------------------------------------------------------------------------
 
@@ -86,15 +89,16 @@ class SinglePluginLayer(HostLayer):
         params: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name in adapter_names:
-                block = self.blocks[name]
+                block = self._block(name)
                 weight_name = block.hook_param or "weight"
                 weight = params.get(weight_name, getattr(host, weight_name).data)
                 params[weight_name] = block.merged_weight(weight).to(weight.dtype)
                 bias_delta = block.get_delta_bias()
                 if bias_delta is not None:
-                    if getattr(host, "bias", None) is None:
+                    host_bias = getattr(host, "bias", None)
+                    if not isinstance(host_bias, torch.Tensor):
                         raise ValueError(f"{type(block).__name__} has a bias but its host has none to merge it into.")
-                    params["bias"] = params.get("bias", host.bias.data) + bias_delta.detach().to(host.bias.dtype)
+                    params["bias"] = params.get("bias", host_bias.data) + bias_delta.detach().to(host_bias.dtype)
         return params
 
     def adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
@@ -134,5 +138,6 @@ class SinglePluginLayer(HostLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """PEFT's name for the weight change adapter ``adapter_name`` makes."""
-        weight = getattr(self.get_base_layer(), self.blocks[adapter_name].hook_param or "weight").data
-        return self.blocks[adapter_name].merged_weight(weight) - weight
+        block = self._block(adapter_name)
+        weight = getattr(self.get_base_layer(), block.hook_param or "weight").data
+        return block.merged_weight(weight) - weight

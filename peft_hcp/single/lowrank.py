@@ -21,6 +21,7 @@ whose merged weight depends on it (DoRA).
 
 from __future__ import annotations
 
+import inspect
 from typing import ClassVar, Optional, Union
 
 import torch
@@ -136,11 +137,43 @@ class LowRankBlock(SinglePluginBlock):
         return all(v == p or (d == dim and v <= p) for d, (v, p) in enumerate(zip(value.shape, param.shape)))
 
     def _needed_shape(self, name: str, value: torch.Tensor) -> str:
-        shape = list(self.get_parameter(name).shape)
+        shape: list[Union[int, str]] = list(self.get_parameter(name).shape)
         dim = self.rank_dims.get(name)
         if dim is not None:
             shape[dim] = f"≤{shape[dim]}"
         return "(" + ", ".join(map(str, shape)) + ")"
+
+    # -- hot-swapping ----------------------------------------------------------------------------
+
+    def pad_dims(self, name: str) -> tuple[int, ...]:
+        """The dimensions of weight ``name`` that are the rank (those zero-padding may grow)."""
+        dim = self.rank_dims.get(name)
+        return () if dim is None else (dim,)
+
+    def pad_rank(self, rank: int) -> None:
+        """Zero-pad every rank dimension to ``rank``, which leaves the output unchanged: the shapes then hold any
+        adapter of this structure and a rank up to ``rank``, so a compiled graph survives swapping it in."""
+        if rank < self.rank:
+            raise ValueError(f"{type(self).__name__} has rank {self.rank}, above the target rank {rank}.")
+        for name, param in list(self.named_parameters()):
+            shape = list(param.shape)
+            for dim in self.pad_dims(name):
+                shape[dim] = rank
+            if shape == list(param.shape):
+                continue
+            padded = nn.Parameter(param.new_zeros(shape), requires_grad=param.requires_grad)
+            with torch.no_grad():
+                padded[tuple(slice(0, n) for n in param.shape)] = param
+            owner_name, _, attr = name.rpartition(".")
+            owner = self.get_submodule(owner_name)
+            setattr(owner, attr, padded)
+            _match_weight_shape(owner)
+        self.rank = rank
+
+    @staticmethod
+    def scale_for(config, host: nn.Module) -> float:
+        """The scale a block built from ``config`` on ``host`` computes with (HCP's rule, as :func:`scaling`)."""
+        return scaling(config.alpha, resolve_rank(config.r, host_shape(host)[1]), config.alpha_auto_scale)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -158,12 +191,24 @@ class LowRankBlock(SinglePluginBlock):
         )
 
 
+def _match_weight_shape(module: nn.Module) -> None:
+    """Update a Linear's / Conv2d's feature counts after its weight was replaced by one of another shape."""
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.Conv2d):
+        module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
+
+
 def lowrank_types() -> dict[type[LowRankBlock], type]:
     """Every registered low-rank variant: ``{block class: config class}``, in registration order."""
-    return {
-        config_cls.plugin_cls: config_cls
+    blocks = {
+        config_cls: inspect.getattr_static(config_cls, "plugin_cls", None)
         for config_cls in PEFT_TYPE_TO_CONFIG_MAPPING.values()
-        if isinstance(getattr(config_cls, "plugin_cls", None), type) and issubclass(config_cls.plugin_cls, LowRankBlock)
+    }
+    return {
+        block_cls: config_cls
+        for config_cls, block_cls in blocks.items()
+        if isinstance(block_cls, type) and issubclass(block_cls, LowRankBlock)  # a LazyClass is no low-rank block
     }
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Optional
+from typing import Optional, cast
 
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft import PeftConfig
 from torch import nn
 
+from peft_hcp.base.blocks import HostedBlock
+from peft_hcp.base.host_layer import HostLayer
 from peft_hcp.base.tuner import HcpTuner
+from peft_hcp.base.unwrap import base_module
 from peft_hcp.errors import UnsupportedLayerError
 from peft_hcp.registry import ConfigT, generated_type
 from peft_hcp.selectors import (
@@ -30,7 +33,7 @@ from peft_hcp.single.layer import SinglePluginLayer
 from peft_hcp.wrap import excluded_subtrees
 
 
-def find_hosts(model: nn.Module, config: HcpSingleConfig, block_cls: type[SinglePluginBlock]) -> list[str]:
+def find_hosts(model: nn.Module, config: HcpSingleConfig, block_cls: type[HostedBlock]) -> list[str]:
     """Names of the layers a single plugin attaches to, in model order.
 
     A selected layer of one of ``block_cls.wrapable_classes`` is a host; a selected container
@@ -80,10 +83,8 @@ def _try_resolve(model, selector, modules):
         return []
 
 
-def _is_wrapable(module: nn.Module, block_cls: type[SinglePluginBlock]) -> bool:
-    if isinstance(module, BaseTunerLayer):
-        module = module.get_base_layer()
-    return isinstance(module, block_cls.wrapable_classes)
+def _is_wrapable(module: nn.Module, block_cls: type[HostedBlock]) -> bool:
+    return isinstance(base_module(module), block_cls.wrapable_classes)
 
 
 def _self_and_ancestors(name: str) -> list[str]:
@@ -98,17 +99,17 @@ def _self_and_ancestors(name: str) -> list[str]:
 class HcpSingleModel(HcpTuner):
     """Attaches one single-layer plugin type: ``class LoraModel(HcpSingleModel, layer_cls=LoraLayer)``."""
 
-    tuner_layer_cls: type[SinglePluginLayer]
+    tuner_layer_cls: type[HostLayer]
 
-    def _prepare_adapter_config(self, peft_config: HcpSingleConfig, model_config: dict) -> HcpSingleConfig:
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         return copy.copy(peft_config)  # PEFT may rewrite target_modules on what we return: keep the user's intact
 
-    def _prepare_model(self, peft_config: HcpSingleConfig, model: nn.Module) -> None:
-        hosts = find_hosts(model, peft_config, self.tuner_layer_cls.block_cls)
+    def _prepare_model(self, peft_config: PeftConfig, model: nn.Module) -> None:
+        hosts = find_hosts(model, cast(HcpSingleConfig, peft_config), self.tuner_layer_cls.block_cls)
         self._hosts = set(hosts)
-        peft_config.target_modules = hosts  # the working copy: what PEFT's bookkeeping sees
+        cast(HcpSingleConfig, peft_config).target_modules = hosts  # the working copy: what PEFT's bookkeeping sees
 
-    def _check_target_module_exists(self, peft_config: HcpSingleConfig, key: str) -> bool:
+    def _check_target_module_exists(self, peft_config: PeftConfig, key: str) -> bool:  # type: ignore[override]
         return key in self._hosts
 
     def _add_adapter_to(
@@ -122,7 +123,7 @@ class HcpSingleModel(HcpTuner):
     def _merge_layers(self, safe_merge: bool, adapter_names: Optional[list[str]]) -> None:
         """Merge every layer, or (``safe_merge``) none when one of them would get a non-finite weight."""
         self._check_merge_allowed()
-        layers = [layer for _, layer in self._own_layers()]
+        layers = [cast(SinglePluginLayer, layer) for _, layer in self._own_layers()]  # patches refused above
         if safe_merge:
             for layer in layers:
                 layer.check_merge(adapter_names)

@@ -22,7 +22,9 @@ import torch
 from safetensors.torch import save_file
 
 from peft_hcp.adapter_set import load_adapter_weights, read_set, save_adapter
+from peft_hcp.base.components import pipeline_components
 from peft_hcp.base.files import read_safetensors
+from peft_hcp.base.sharding import full_tensor, shard_like
 from peft_hcp.errors import CheckpointError
 
 
@@ -35,14 +37,28 @@ def checkpoint_dir(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, "checkpoints", f"step-{step:06d}")
 
 
-def save_checkpoint(pipe, output_dir: str, step: int, optimizer: torch.optim.Optimizer, extra: dict) -> str:
-    """Write the checkpoint of ``step`` atomically; returns its folder."""
+def save_checkpoint(
+    pipe,
+    output_dir: str,
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    extra: dict,
+    is_main_process: bool = True,
+) -> str:
+    """Write the checkpoint of ``step`` atomically; returns its folder.
+
+    Under FSDP2 every rank calls it: the adapters and the optimizer state are gathered whole (a collective),
+    and only ``is_main_process`` writes, so the checkpoint is the one a single process would write.
+    """
     final = checkpoint_dir(output_dir, step)
     tmp = os.path.join(os.path.dirname(final), ".tmp-" + os.path.basename(final))
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_adapter(pipe, tmp)
+    if is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    save_adapter(pipe, tmp, is_main_process=is_main_process)
     tensors, scalars = _flatten_optimizer(optimizer)
+    if not is_main_process:
+        return final
     save_file(tensors, os.path.join(tmp, OPTIMIZER_NAME))
     with open(os.path.join(tmp, STATE_NAME), "w", encoding="utf-8") as handle:
         json.dump({"step": step, "optimizer": scalars, **extra}, handle, indent=2)
@@ -112,7 +128,7 @@ def load_checkpoint(pipe, folder: str, optimizer: torch.optim.Optimizer) -> int:
     Returns the step the checkpoint was taken at. The adapters of the checkpoint must be the ones the
     config attaches: a missing or extra adapter, or a missing weight, is a ``CheckpointError``.
     """
-    components = {name: getattr(pipe, name) for name in ("unet", "text_encoder")}
+    components = pipeline_components(pipe)
     saved = read_set(folder)
     wanted = {(c, n) for c, m in components.items() for n in (getattr(m, "peft_config", None) or {})}
     found = {(e.component, e.name) for e in saved}
@@ -134,16 +150,20 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     for index, values in state["state"].items():
         for key, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().contiguous()
+                tensors[f"{index}.{key}"] = full_tensor(value).detach().contiguous()
             else:
                 scalars["state"].setdefault(str(index), {})[key] = value
     return tensors, scalars
 
 
 def _unflatten_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, scalars: dict) -> None:
+    params = [param for group in optimizer.param_groups for param in group["params"]]
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         index, _, name = key.partition(".")
+        param = params[int(index)] if int(index) < len(params) else None
+        if param is not None and value.shape == param.shape:  # a moment of a sharded parameter: sharded alike
+            value = shard_like(value, param)
         state.setdefault(int(index), {})[name] = value
     for index, values in scalars["state"].items():
         state.setdefault(int(index), {}).update(values)

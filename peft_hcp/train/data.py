@@ -31,6 +31,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset, Subset
 
+from peft_hcp.errors import PeftHcpError
+
 
 #: The palette of the generated shapes, which the detector of :mod:`peft_hcp.train.concept` reads back.
 COLOURS = {
@@ -211,7 +213,7 @@ class FolderDataset(Dataset):
         return {"pixels": pixels, "caption": caption, "cond": edge_map(pixels)}
 
 
-class ImageFileError(ValueError):
+class ImageFileError(PeftHcpError, ValueError):
     """A training image that cannot be decoded; the message names the file."""
 
 

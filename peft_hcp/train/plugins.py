@@ -42,6 +42,8 @@ from torch import nn
 
 from peft_hcp.adapter_set import attach
 from peft_hcp.base.config import HcpConfig
+from peft_hcp.base.snapshot import all_or_nothing
+from peft_hcp.errors import PeftHcpError
 
 
 #: Config sections and the pipeline component each one adapts.
@@ -57,7 +59,7 @@ _KEYS = ("_target_", "_partial_", "lr", "train", "weight_decay")
 _FLAGS = re.compile(r"^((?:(?:re|prehook|pre_hook):)*)(.*)$", re.S)
 
 
-class PluginConfigError(ValueError):
+class PluginConfigError(PeftHcpError, ValueError):
     """A ``plugin_unet`` / ``plugin_TE`` entry that cannot be turned into an adapter."""
 
 
@@ -252,17 +254,18 @@ def attach_plugins(components: Mapping[str, nn.Module], entries: list[PluginEntr
     in the message.
     """
     owned: list[list[nn.Parameter]] = []
-    for entry in entries:
-        module = components[entry.component]
-        before = {id(p) for p in module.parameters()}
-        try:
-            attach(module, entry.config, entry.name)
-        except (ValueError, TypeError, NotImplementedError, KeyError) as exc:
-            raise PluginConfigError(f"{entry.label} ({type(entry.config).__name__}): {exc}") from exc
-        params = [p for p in module.parameters() if id(p) not in before]
-        if not params:
-            raise PluginConfigError(f"{entry.label}: the plugin attached but has no parameters to train.")
-        owned.append(params)
+    with all_or_nothing(*components.values()):  # a refused entry takes the ones before it back
+        for entry in entries:
+            module = components[entry.component]
+            before = {id(p) for p in module.parameters()}
+            try:
+                attach(module, entry.config, entry.name)
+            except (ValueError, TypeError, NotImplementedError, KeyError) as exc:
+                raise PluginConfigError(f"{entry.label} ({type(entry.config).__name__}): {exc}") from exc
+            params = [p for p in module.parameters() if id(p) not in before]
+            if not params:
+                raise PluginConfigError(f"{entry.label}: the plugin attached but has no parameters to train.")
+            owned.append(params)
     for module in components.values():
         module.requires_grad_(False)
     groups = []

@@ -10,8 +10,7 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image, ImageDraw, ImageFont
 
-from peft_hcp.base.blocks import WeightedBlock
-from peft_hcp.base.feed import feed
+from peft_hcp.base.feed import fed_plugins, feed
 
 
 @contextlib.contextmanager
@@ -26,7 +25,7 @@ def adapters_disabled(pipe) -> Iterator[None]:
 
 def needs_condition(pipe) -> bool:
     """Whether a plugin on the pipeline takes a condition image through the feeder."""
-    return any(isinstance(m, WeightedBlock) and "cond" in m.input_keys for m in pipe.unet.modules())
+    return any("cond" in block.input_keys for block in fed_plugins(pipe))
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from peft_hcp.errors import PeftHcpError
 from peft_hcp.train.concept import PALETTE_NAMES, named_in
 from peft_hcp.train.data import CONCEPT_COLOUR, HELD_OUT_KINDS
 from peft_hcp.train.plugins import SECTIONS
@@ -72,7 +73,7 @@ class RunSettings:
     plugin_TE: dict[str, Any] = field(default_factory=dict)
 
 
-class SettingsError(ValueError):
+class SettingsError(PeftHcpError, ValueError):
     """A config file or override that does not describe a run."""
 
 

@@ -1,8 +1,9 @@
 """The training loop: noise-prediction loss on a Stable Diffusion pipeline, plugins only, via accelerate.
 
-Runs as is on one device and under ``accelerate launch --num_processes N`` (DDP): each process draws
-its own micro-batches, gradients are averaged by DDP, the main process writes checkpoints, samples and
-the log. Every random draw (batch indices, noise, timesteps) is a function of the seed, step and rank,
+Runs as is on one device, under ``accelerate launch --num_processes N`` (DDP) and under ``accelerate launch
+--use_fsdp --fsdp_version 2`` (FSDP2, sharded by :mod:`peft_hcp.train.fsdp`): each process draws its own
+micro-batches, gradients are averaged across processes, the main process writes checkpoints, samples and the
+log. Every random draw (batch indices, noise, timesteps) is a function of the seed, step and rank,
 so a resumed run continues exactly where the interrupted one would have gone.
 """
 
@@ -24,7 +25,9 @@ from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from peft_hcp.base.components import pipeline_components
 from peft_hcp.embedded.pipeline import default_resolution, load_pipeline
+from peft_hcp.fsdp import held_bytes
 from peft_hcp.hooked import feed
 from peft_hcp.train.checkpoint import (
     latest_checkpoint,
@@ -47,6 +50,7 @@ from peft_hcp.train.data import (
     make_datasets,
     to_image,
 )
+from peft_hcp.train.fsdp import FsdpPlan, accelerate_without_fsdp, shard_for_training
 from peft_hcp.train.plugins import SECTIONS, PluginEntry, attach_plugins, parse_section
 from peft_hcp.train.sampling import grid, needs_condition, render_off_on
 
@@ -132,11 +136,13 @@ class Trainer:
             torch.set_num_threads(threads)
         if entries is None:
             entries = [e for section in SECTIONS for e in parse_section(section, settings[section])]
-        self.accelerator = Accelerator(
-            mixed_precision=settings.mixed_precision,
-            gradient_accumulation_steps=settings.grad_accum,
-            cpu=not _has_accelerator_device(),
-        )
+        self.fsdp = FsdpPlan.from_env()
+        with accelerate_without_fsdp(self.fsdp):  # the trainer shards itself: see peft_hcp.train.fsdp
+            self.accelerator = Accelerator(
+                mixed_precision=settings.mixed_precision,
+                gradient_accumulation_steps=settings.grad_accum,
+                cpu=not _has_accelerator_device(),
+            )
         self.main = self.accelerator.is_main_process
         self.output_dir = settings.output_dir
         if self.main:
@@ -146,7 +152,7 @@ class Trainer:
         self.pipe = load_pipeline(settings.pretrained_model)
         self.pipe.set_progress_bar_config(disable=True)
         self.resolution = settings.resolution or default_resolution(self.pipe)
-        self.groups = attach_plugins({"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder}, entries)
+        self.groups = attach_plugins(pipeline_components(self.pipe), entries)
         self.entries = entries
         self.train_te = any(e.component == "text_encoder" for e in entries)
         self.conditioned = needs_condition(self.pipe)
@@ -155,11 +161,19 @@ class Trainer:
         )
         self.pipe.to(self.accelerator.device)
         self.pipe.vae.requires_grad_(False)
-        optimizer = torch.optim.AdamW(self.groups, weight_decay=settings.weight_decay)
         models = [self.pipe.unet] + ([self.pipe.text_encoder] if self.train_te else [])
         for model in models:
             model.train()
-        prepared = self.accelerator.prepare(*models, optimizer)
+        if self.fsdp is None:
+            optimizer = torch.optim.AdamW(self.groups, weight_decay=settings.weight_decay)
+            prepared = self.accelerator.prepare(*models, optimizer)
+        else:  # sharded in place, never wrapped in DDP: only the optimizer goes through accelerate
+            components = [self.pipe.unet, self.pipe.text_encoder]
+            self.groups = shard_for_training(
+                self.fsdp, self.accelerator, components, self.groups, settings.mixed_precision
+            )
+            optimizer = torch.optim.AdamW(self.groups, weight_decay=settings.weight_decay)
+            prepared = (*models, self.accelerator.prepare(optimizer))
         self.unet = prepared[0]
         self.text_encoder = prepared[1] if self.train_te else self.pipe.text_encoder
         self.optimizer = prepared[-1]
@@ -295,16 +309,20 @@ class Trainer:
             self.log.info(
                 "plugin %s: lr %g, %d tensors, %d parameters", group["name"], group["lr"], len(group["params"]), count
             )
+        if self.fsdp is not None:
+            held, whole = held_bytes(self.pipe.unet, trainable=False)
+            self.log.info("FSDP2: this rank holds %d of the UNet's %d frozen bytes", held, whole)
         if resume_from:
             self.log.info("resumed from %s (step %d)", resume_from, start)
 
     def _save(self, step: int) -> Optional[str]:
-        folder = None
-        if self.main:
-            extra = {"pretrained_model": self.settings.pretrained_model, "seed": self.settings.seed}
-            folder = save_checkpoint(self.pipe, self.output_dir, step, self.optimizer, extra)
-            self.log.info("saved checkpoint %s", folder)
+        """Every rank takes part (a sharded model's weights are gathered collectively); the main process writes."""
+        extra = {"pretrained_model": self.settings.pretrained_model, "seed": self.settings.seed}
+        folder = save_checkpoint(self.pipe, self.output_dir, step, self.optimizer, extra, is_main_process=self.main)
         self.accelerator.wait_for_everyone()
+        if not self.main:
+            return None
+        self.log.info("saved checkpoint %s", folder)
         return folder
 
     def _sample_inputs(self) -> tuple[list[str], Optional[torch.Tensor], Optional[list]]:
@@ -356,8 +374,9 @@ class Trainer:
         return scores
 
     def _samples(self, step: int) -> tuple[Optional[str], list[BeforeAfter]]:
-        """Render, score and write the off | on grid of the fixed prompts and seeds (main process only)."""
-        if not self.main:
+        """Render, score and write the off | on grid of the fixed prompts and seeds (the main process; under FSDP
+        every rank renders, as a sharded forward is a collective, and only the main process scores and writes)."""
+        if not self.main and self.fsdp is None:
             return None, []
         s = self.settings.sample
         prompts, cond, sources = self._sample_inputs()
@@ -366,6 +385,8 @@ class Trainer:
             off, on = render_off_on(
                 self.pipe, prompts, list(s.seeds), s.steps, s.guidance_scale, device_cond, self.resolution
             )
+        if not self.main:
+            return None, []
         scores = self._scores(prompts, off, on, sources)
         title = f"step {step}" + (f" - {scores[0]}" if scores else "")
         conditions = None if cond is None else [to_image(c * 2 - 1) for c in cond]

@@ -1,5 +1,6 @@
-"""PEFT's merge / unload contract on the mergeable kinds: safe_merge refuses all or nothing in PEFT's words,
-unload drops modules_to_save copies as PEFT does, Conv2d-hosted layers report in/out features."""
+"""PEFT's merge / unload contract on the mergeable kinds: unload drops modules_to_save copies as PEFT does,
+Conv2d-hosted layers report in/out features. (A safe merge of a broken adapter of every mergeable type is
+refused all or nothing, in PEFT's words: ``tests/contract/test_matrix.py``.)"""
 
 from __future__ import annotations
 
@@ -8,42 +9,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.utils.other import AuxiliaryTrainingWrapper
 
-from peft_hcp import HcpLohaConfig, HcpLoraConfig
+from peft_hcp import HcpLoraConfig
 from peft_hcp.embedded import tiny_unet
-from tests.helpers import assert_model_unchanged, model_snapshot, unet_out
-
-
-TARGETS = ["re:.*attn.?$", "re:.*ff$", "conv_out"]
-LAST = "conv_out"
-
-
-def _broken(model, kind_prefix: str):
-    """Put a NaN into the adapter of the *last* targeted layer only, so a partial merge would be visible."""
-    layer = model.get_base_model().get_submodule(LAST)
-    with torch.no_grad():
-        next(p for n, p in layer.named_parameters() if kind_prefix in n).view(-1)[0] = float("nan")
-
-
-def _peft_wording(unet_batch) -> str:
-    model = get_peft_model(tiny_unet(), LoraConfig(target_modules=[LAST], init_lora_weights=False))
-    with torch.no_grad():
-        model.get_base_model().conv_out.lora_A["default"].weight.view(-1)[0] = float("nan")
-    with pytest.raises(ValueError) as info:
-        model.merge_adapter(safe_merge=True)
-    return str(info.value)
-
-
-@pytest.mark.parametrize("config_cls", [HcpLoraConfig, HcpLohaConfig])
-@pytest.mark.parametrize("how", ["merge_adapter", "merge_and_unload"])
-def test_safe_merge_of_a_broken_adapter_merges_nothing_in_peft_words(config_cls, how, unet_batch):
-    model = get_peft_model(tiny_unet(), config_cls(target_modules=TARGETS, init_weights=False))
-    _broken(model, config_cls.type_name)
-    before = model_snapshot(model, lambda m: unet_out(m, unet_batch))
-    with pytest.raises(ValueError) as info:
-        getattr(model, how)(safe_merge=True)
-    assert str(info.value) == _peft_wording(unet_batch)
-    assert_model_unchanged(before, model)
-    assert not any(getattr(m, "merged", False) for m in model.modules())
 
 
 def _with_saved_module(config):

@@ -1,40 +1,33 @@
-"""Every refused operation leaves the model exactly as it was (state, tree, trainability, hooks, outputs)."""
+"""Every refused operation leaves the model exactly as it was (state, tree, trainability, hooks, outputs).
+
+A refused attach of every registered type, through each attach route, is in ``tests/contract/test_matrix.py``;
+here: a host the ControlNet refuses, and refused loads."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
-from peft import PeftModel, get_peft_model, inject_adapter_in_model
+from diffusers import ControlNetModel, UNet2DConditionModel
+from peft import PeftModel, get_peft_model
+from safetensors.torch import save_file
 from torch import nn
 
 import peft_hcp
 from peft_hcp import (
     CheckpointError,
     HcpControlNetConfig,
-    HcpLohaConfig,
     HcpLoraConfig,
-    HcpPReLUConfig,
     HcpSkipConfig,
 )
+from peft_hcp.adapters.controlnet_bridge import controlnet_config, import_controlnet, load_controlnet
 from peft_hcp.embedded import tiny_unet, unet_inputs
 from peft_hcp.hooked.block import MultiPluginBlock
+from peft_hcp.hub.interchange import import_hcp, import_kohya
 from tests.helpers import assert_model_unchanged, model_snapshot
 
 
 TARGETS = ["re:.*attn.?$", "re:.*ff$"]
 COND = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-def grouped_unet() -> nn.Module:
-    """The tiny UNet with a grouped ``conv_out``, which the low-rank kinds refuse: last in model order, so a
-    LoRA/LoHa selecting it fails after every other layer was already wrapped."""
-    unet = tiny_unet()
-    torch.manual_seed(0)
-    unet.conv_out = nn.Conv2d(32, 4, 3, padding=1, groups=4)
-    return unet
 
 
 def run(model: nn.Module) -> torch.Tensor:
@@ -45,77 +38,6 @@ def run(model: nn.Module) -> torch.Tensor:
 
 
 HEAD = dict(conditioning_embedding_out_channels=[8, 16], init_weights=False)
-#: kind -> (a good config, a config refused part-way through attaching)
-KINDS: dict[str, tuple[Callable, Callable]] = {
-    "lora": (
-        lambda: HcpLoraConfig(target_modules=TARGETS, init_weights=False),
-        lambda: HcpLoraConfig(target_modules=TARGETS + ["conv_out"]),
-    ),
-    "loha": (
-        lambda: HcpLohaConfig(target_modules=TARGETS, init_weights=False),
-        lambda: HcpLohaConfig(target_modules=TARGETS + ["conv_out"]),
-    ),
-    "skip": (
-        lambda: HcpSkipConfig(from_layer=["re:.*proj_in$"], to_layer=["prehook:re:.*proj_out$"], init_weights=False),
-        lambda: HcpSkipConfig(from_layer=["re:.*proj_in$"], to_layer=["prehook:conv_out"]),  # 2 from, 1 to
-    ),
-    "controlnet": (
-        lambda: HcpControlNetConfig(**HEAD),
-        lambda: HcpControlNetConfig(to_layers=["mid_block"], **HEAD),  # too few to-layers: refused by the block
-    ),
-    "patch": (
-        lambda: HcpPReLUConfig(target_modules=["re:.*nonlinearity$"], init_weights=False),
-        lambda: HcpPReLUConfig(target_modules=["conv_in"]),  # not a SiLU
-    ),
-}
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_refused_get_peft_model_leaves_the_model_as_it_was(kind):
-    good, bad = KINDS[kind]
-    unet = grouped_unet()
-    before = model_snapshot(unet, run)
-    with pytest.raises((ValueError, TypeError)):
-        get_peft_model(unet, bad())
-    assert_model_unchanged(before, unet)
-    get_peft_model(unet, good())  # and it takes a corrected adapter
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_refused_peft_model_add_adapter_leaves_the_model_as_it_was(kind):
-    good, bad = KINDS[kind]
-    model = get_peft_model(grouped_unet(), good())
-    before = model_snapshot(model, run)
-    with pytest.raises((ValueError, TypeError)):
-        model.add_adapter("bad", bad())
-    assert_model_unchanged(before, model)
-    assert list(model.peft_config) == ["default"]
-    model.add_adapter("fixed", good())
-    assert list(model.peft_config) == ["default", "fixed"]
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_refused_inject_adapter_in_model_leaves_the_model_as_it_was(kind):
-    good, bad = KINDS[kind]
-    unet = inject_adapter_in_model(HcpLoraConfig(target_modules=["re:.*ff$"], init_weights=False), grouped_unet())
-    before = model_snapshot(unet, run)
-    with pytest.raises((ValueError, TypeError)):
-        inject_adapter_in_model(bad(), unet, "bad")
-    assert_model_unchanged(before, unet)
-    inject_adapter_in_model(good(), unet, "fixed")
-    assert list(unet.peft_config) == ["default", "fixed"]
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_refused_diffusers_add_adapter_leaves_the_model_able_to_take_another(kind):
-    good, bad = KINDS[kind]
-    unet = grouped_unet()
-    before = model_snapshot(unet, run)
-    with pytest.raises((ValueError, TypeError)):
-        unet.add_adapter(bad(), "bad")  # diffusers marks the model as adapted before injecting
-    assert_model_unchanged(before, unet)
-    unet.add_adapter(good(), "fixed")
-    assert list(unet.peft_config) == ["fixed"]
 
 
 def test_controlnet_on_a_refused_host_through_diffusers_add_adapter():
@@ -175,7 +97,7 @@ def test_checkpoint_for_another_architecture_through_adapter_set_attaches_nothin
         HcpSkipConfig(from_layer=["re:.*proj_in$"], to_layer=["prehook:re:.*proj_out$"], init_weights=False), "skip"
     )
     before = model_snapshot(unet, run)
-    with pytest.raises(CheckpointError, match="missing"):
+    with pytest.raises(CheckpointError, match=r"unexpected down_blocks\.0\.attentions\.1\."):
         peft_hcp.load_adapter(unet, str(tmp_path))
     assert_model_unchanged(before, unet)
 
@@ -192,3 +114,108 @@ def test_a_refused_load_into_a_loaded_adapter_keeps_it(tmp_path):
     with pytest.raises(CheckpointError, match="another shape"):
         model.load_adapter(str(tmp_path / "narrow"), adapter_name="default")  # into the adapter it already holds
     assert_model_unchanged(before, model)
+
+
+def test_a_refused_entry_of_an_adapter_set_takes_the_entries_before_it_back(tmp_path):
+    """The set's first adapter fits, its second was saved from a narrower model: neither stays."""
+    source = tiny_unet()
+    for name in ("a", "b"):
+        source.add_adapter(HcpLoraConfig(target_modules=TARGETS, init_weights=False), name)
+    peft_hcp.save_adapter(source, str(tmp_path / "set"))
+    narrow = unet_with(block_out_channels=(16, 32))
+    narrow.add_adapter(HcpLoraConfig(target_modules=TARGETS), "b")
+    peft_hcp.save_adapter(narrow, str(tmp_path / "narrow"))
+    (tmp_path / "narrow" / "adapter_model.safetensors").replace(tmp_path / "set" / "b" / "adapter_model.safetensors")
+    unet = tiny_unet()
+    unet.add_adapter(HcpLoraConfig(target_modules=["re:.*ff$"], init_weights=False), "lora")
+    before = model_snapshot(unet, run)
+    with pytest.raises(CheckpointError, match=r"b/adapter_model\.safetensors does not fit .* 'b': of another shape"):
+        peft_hcp.load_adapter(unet, str(tmp_path / "set"))
+    assert_model_unchanged(before, unet)
+
+
+def test_a_refused_merge_leaves_every_host_weight():
+    """``conv_in`` (which has a bias) merges; the later ``to_q`` has no bias to take the LoRA's: refused."""
+    config = HcpLoraConfig(target_modules=["conv_in", r"re:.*attn1\.to_q$"], lora_bias=True, init_weights=False)
+    model = get_peft_model(tiny_unet(), config)
+    before = model_snapshot(model, run)
+    for merge in (model.merge_adapter, model.merge_and_unload):
+        with pytest.raises(ValueError, match="has a bias but its host has none"):
+            merge()
+        assert_model_unchanged(before, model)
+
+
+def _kohya_layer(name: str, rows: int, columns: int) -> dict[str, torch.Tensor]:
+    key = "lora_unet_" + name.replace(".", "_")
+    g = torch.Generator().manual_seed(0)
+    return {
+        f"{key}.lora_down.weight": torch.randn(2, columns, generator=g),
+        f"{key}.lora_up.weight": torch.randn(rows, 2),
+    }
+
+
+@pytest.mark.parametrize("layout", ["kohya", "hcp"])
+def test_a_refused_import_leaves_the_model_as_it_was(tmp_path, layout):
+    """The file's first layer fits; its last has the wrong shape, found after the adapter was attached."""
+    first, last = (
+        f"{block}.attentions.{i}.transformer_blocks.0.attn1.to_q"
+        for block, i in [("down_blocks.0", 0), ("up_blocks.1", 1)]
+    )
+    tensors = {**_kohya_layer(first, 32, 32), **_kohya_layer(last, 64, 32)}
+    if layout == "hcp":
+        names = {"lora_unet_" + n.replace(".", "_"): n for n in (first, last)}
+        parts = {"lora_down.weight": "layer.W_down", "lora_up.weight": "layer.W_up"}
+        tensors = {f"denoiser.{names[k.split('.')[0]]}.___.{parts[k.split('.', 1)[1]]}": v for k, v in tensors.items()}
+    save_file(tensors, str(tmp_path / "lora.safetensors"))
+    unet = tiny_unet()
+    unet.add_adapter(HcpLoraConfig(target_modules=["re:.*ff$"], init_weights=False), "lora")
+    before = model_snapshot(unet, run)
+    with pytest.raises(CheckpointError, match="Shape mismatch in layer .*up_blocks"):
+        (import_kohya if layout == "kohya" else import_hcp)(unet, str(tmp_path / "lora.safetensors"), "imported")
+    assert_model_unchanged(before, unet)
+
+
+# -- ControlNets -------------------------------------------------------------------------------
+
+
+def controlnet_for(**change) -> ControlNetModel:
+    """A diffusers ControlNet made for the tiny UNet changed by ``change``, with random weights everywhere."""
+    controlnet = ControlNetModel.from_unet(unet_with(**change), conditioning_embedding_out_channels=(8, 16))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in controlnet.parameters():
+            param.copy_(torch.randn(param.shape, generator=g) * 0.05)
+    return controlnet
+
+
+def test_load_controlnet_in_place_refuses_a_controlnet_of_another_unet_before_copying():
+    """The documented in-place route (``add_adapter(controlnet_config(cn))`` + ``load_controlnet``) with a
+    ControlNet whose text width differs: by its config, and (config relabelled) by its weights' shapes."""
+    wide = controlnet_for(cross_attention_dim=64)
+    relabelled = controlnet_for(cross_attention_dim=64)
+    relabelled.register_to_config(cross_attention_dim=32)
+    host = tiny_unet()
+    host.add_adapter(controlnet_config(wide), "control")
+    before = model_snapshot(host, run)
+    with pytest.raises(CheckpointError, match="cross_attention_dim: ControlNet 64, plugin on this host 32"):
+        load_controlnet(host, wide, "control")
+    assert_model_unchanged(before, host)
+    with pytest.raises(
+        CheckpointError,
+        match=r"The ControlNetModel does not fit ControlNetPlugin \(adapter 'control'\): of another shape "
+        r"down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn2\.to_k\.weight: checkpoint \(32, 64\) vs model \(32, 32\)",
+    ):
+        load_controlnet(host, relabelled, "control")
+    assert_model_unchanged(before, host)
+    load_controlnet(host, controlnet_for(), "control")  # one made for this UNet loads
+
+
+def test_import_controlnet_with_weights_of_another_shape_leaves_the_host_as_it_was():
+    relabelled = controlnet_for(cross_attention_dim=64)
+    relabelled.register_to_config(cross_attention_dim=32)
+    host = tiny_unet()
+    host.add_adapter(HcpLoraConfig(target_modules=["re:.*ff$"], init_weights=False), "lora")
+    before = model_snapshot(host, run)
+    with pytest.raises(CheckpointError, match="of another shape"):
+        import_controlnet(host, relabelled)
+    assert_model_unchanged(before, host)

@@ -16,13 +16,13 @@ from diffusers import (
 )
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 import peft_hcp
 from peft_hcp import HcpControlNetConfig, UnsupportedLayerError
 from peft_hcp.adapters.controlnet_bridge import export_controlnet, import_controlnet
 from peft_hcp.embedded import tiny_clip_text_model, tiny_vae, tokenizer_path
-from peft_hcp.embedded.models import SDXL_TEXT_EMBEDS, sdxl_inputs, tiny_sdxl_unet
+from peft_hcp.embedded.models import SDXL_TEXT_EMBEDS, sdxl_inputs, tiny_clip_text_config, tiny_sdxl_unet
 from tests.controlnet_hosts import control, fed_output, train
 from tests.helpers import assert_model_unchanged, model_snapshot, run_python
 
@@ -79,20 +79,7 @@ def test_exports_to_a_controlnet_model_that_diffusers_loads_and_matches(tmp_path
 def sdxl_components(unet: UNet2DConditionModel) -> dict:
     """Tiny SDXL pipeline parts: two CLIP encoders of width 32 (the UNet's 64 = both), the second projecting."""
     torch.manual_seed(0)
-    second = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=1000,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=SDXL_TEXT_EMBEDS,
-            bos_token_id=0,
-            eos_token_id=2,
-            pad_token_id=1,
-        )
-    ).eval()
+    second = CLIPTextModelWithProjection(tiny_clip_text_config(32, projection_dim=SDXL_TEXT_EMBEDS)).eval()
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_path())
     return dict(
         vae=tiny_vae(),

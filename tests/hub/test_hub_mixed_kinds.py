@@ -75,7 +75,7 @@ def test_three_kinds_train_together_and_round_trip(tmp_path):
         """
         import peft_hcp
         from peft_hcp.embedded import tiny_unet
-        from tests.test_hub_mixed_kinds import _out
+        from tests.hub.test_hub_mixed_kinds import _out
         unet = tiny_unet()
         peft_hcp.load_adapter(unet, sys.argv[1] + '/set')
         torch.save(_out(unet), sys.argv[1] + '/got.pt')

@@ -5,7 +5,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import types
@@ -51,7 +50,7 @@ from peft_hcp.train.data import (
 )
 from peft_hcp.train.sampling import GAP, LINE
 from peft_hcp.train.settings import LEAK_PROMPTS, SampleSettings
-from tests.helpers import unet_out
+from tests.helpers import assert_model_unchanged, model_snapshot, unet_out
 
 
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -240,6 +239,15 @@ def test_selector_matching_nothing_names_the_entry(unet):
     with pytest.raises(PluginConfigError, match=r"plugin_unet\.lora1 \(HcpLoraConfig\)") as info:
         attach_plugins({"unet": unet}, entries)
     assert isinstance(info.value.__cause__, SelectorMatchError)
+
+
+def test_a_refused_entry_takes_the_entries_attached_before_it_back(unet):
+    lora = "  _target_: LoraBlock\n  _partial_: True\n  lr: 0.1\n"
+    entries = _entries(f"lora1:\n{lora}  layers: ['re:.*attn1$']\nlora2:\n{lora}  layers: ['re:.*nothing$']\n")
+    before = model_snapshot(unet)
+    with pytest.raises(PluginConfigError, match=r"plugin_unet\.lora2"):
+        attach_plugins({"unet": unet}, entries)
+    assert_model_unchanged(before, unet)
 
 
 def test_settings_overrides_and_typos(tmp_path):
@@ -584,10 +592,10 @@ def test_ddp_two_processes_keep_plugin_weights_in_sync(tmp_path):
     config = tmp_path / "ddp.yaml"
     config.write_text(DDP_CONFIG)
     out = str(tmp_path / "out")
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
-    command = [
-        accelerate,
-        "launch",
+    command = [  # this interpreter's accelerate: an `accelerate` script elsewhere may run another checkout's code
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
         "--multi_gpu",
         "--num_processes",
         "2",

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Optional
 
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from peft_hcp.base.unwrap import base_module, tuner_layers
 from peft_hcp.selectors import selectable_modules
 from peft_hcp.single import SinglePluginLayer
 from peft_hcp.single.lowrank import LowRankBlock
@@ -18,16 +18,13 @@ def lowrank_blocks(
 ) -> Iterator[tuple[str, str, LowRankBlock]]:
     """``(host module name, adapter name, block)`` for every low-rank block, stacked wrappers included."""
     for name, module in selectable_modules(model):
-        layer = module
-        while isinstance(layer, BaseTunerLayer):
+        for layer in tuner_layers(module):
             if isinstance(layer, SinglePluginLayer):
                 for adapter, block in layer.blocks.items():
                     if isinstance(block, LowRankBlock) and (adapter_names is None or adapter in adapter_names):
                         yield name, adapter, block
-            layer = layer.base_layer
 
 
 def host_layer(model: nn.Module, name: str) -> nn.Module:
     """The original layer called ``name``, looking through adapter wrappers."""
-    module = model.get_submodule(name)
-    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    return base_module(model.get_submodule(name))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from peft_hcp.base.files import read_safetensors
+from peft_hcp.base.unwrap import base_module
 from peft_hcp.errors import CheckpointError, few
 from peft_hcp.hub.interchange.kohya import install_layers
 from peft_hcp.hub.interchange.stock import interchange_components
@@ -78,7 +79,7 @@ def import_hcp(target, path: str, adapter_name: str = "default", is_trainable: b
         labels[name] = f"{layer} ({name})"
     if block_cls is None:
         raise CheckpointError(f"{path} holds no plugin tensors.")
-    return install_layers(components, by_component, labels, block_cls, adapter_name, is_trainable)
+    return install_layers(components, by_component, labels, block_cls, adapter_name, is_trainable, path)
 
 
 def _place(layer: str, components: dict[str, nn.Module]) -> tuple[str, str] | None:
@@ -94,6 +95,5 @@ def _place(layer: str, components: dict[str, nn.Module]) -> tuple[str, str] | No
             module = model.get_submodule(name)
         except AttributeError:
             return None
-        module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-        return (component, name) if isinstance(module, (nn.Linear, nn.Conv2d)) else None
+        return (component, name) if isinstance(base_module(module), (nn.Linear, nn.Conv2d)) else None
     return None

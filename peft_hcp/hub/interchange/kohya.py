@@ -26,10 +26,13 @@ from peft.tuners.tuners_utils import set_adapter
 from safetensors.torch import save_file
 from torch import nn
 
-from peft_hcp.adapter_set import active_adapters, attach, detach
+from peft_hcp.adapter_set import active_adapters, attach
 from peft_hcp.adapter_set import adapter_names as names_on
 from peft_hcp.base.config import PEFT_HCP_VERSION
 from peft_hcp.base.files import read_safetensors
+from peft_hcp.base.names import check_adapter_name
+from peft_hcp.base.preflight import rehearse
+from peft_hcp.base.snapshot import all_or_nothing
 from peft_hcp.errors import CheckpointError, few
 from peft_hcp.hub.interchange.blocks import lowrank_blocks
 from peft_hcp.hub.interchange.names import kohya_name_table, kohya_prefixes
@@ -143,7 +146,7 @@ def import_kohya(
         for (component, name), parts in lora_through_diffusers(flat, loader, components).items():
             by_component[component][name] = parts
             labels[name] = f"a split fused layer ({name})"
-    return install_layers(components, by_component, labels, block_cls, adapter_name, is_trainable)
+    return install_layers(components, by_component, labels, block_cls, adapter_name, is_trainable, path)
 
 
 def _import_diffusers_layout(
@@ -167,7 +170,8 @@ def _import_diffusers_layout(
     for (component, name), parts in modules.items():
         by_component[component][name] = parts
     block_cls = lowrank_type_of({"lora_down.weight", "lora_up.weight"}, "LoRA", path)
-    return install_layers(components, by_component, {n: n for c, n in modules}, block_cls, adapter_name, is_trainable)
+    labels = {name: name for _, name in modules}
+    return install_layers(components, by_component, labels, block_cls, adapter_name, is_trainable, path)
 
 
 def install_layers(
@@ -177,22 +181,28 @@ def install_layers(
     block_cls: type[LowRankBlock],
     adapter_name: str,
     is_trainable: bool,
+    source: str = "the imported file",
 ) -> dict[str, list[str]]:
     """Attach ``adapter_name`` of ``block_cls`` on each component and load its layers' kohya tensors.
 
-    All or nothing: a refused layer detaches what was attached, leaving the model as it was.
+    All or nothing: the install is rehearsed on meta twins first (:func:`~peft_hcp.base.preflight.rehearse`),
+    so a file whose layers do not fit the blocks their config builds (``source`` names it) is refused before
+    anything is allocated; a layer refused later leaves every component as it was.
     """
+    check_adapter_name(adapter_name)
     for component in by_component:
         if adapter_name in names_on(components[component]):
             raise ValueError(f"{component} already has an adapter named {adapter_name!r}.")
-    done: list[nn.Module] = []
-    try:
+
+    def rehearsal(twins: list[nn.Module]) -> None:  # the same install on meta twins: a misfit allocates nothing
+        for parts_by_name, twin in zip(by_component.values(), twins):
+            _install(twin, parts_by_name, labels, block_cls, adapter_name, is_trainable)
+
+    size = sum(len(parts) for parts_by_name in by_component.values() for parts in parts_by_name.values())
+    rehearse([components[component] for component in by_component], rehearsal, source, size)
+    with all_or_nothing(*(components[component] for component in by_component)):
         for component, parts_by_name in by_component.items():
-            _install(components[component], parts_by_name, labels, block_cls, adapter_name, is_trainable, done)
-    except Exception:
-        for module in done:
-            detach(module, adapter_name)
-        raise
+            _install(components[component], parts_by_name, labels, block_cls, adapter_name, is_trainable)
     return {component: sorted(parts) for component, parts in by_component.items()}
 
 
@@ -203,14 +213,12 @@ def _install(
     block_cls: type[LowRankBlock],
     adapter_name: str,
     is_trainable: bool,
-    done: list[nn.Module],
 ) -> None:
     config_cls = lowrank_types()[block_cls]
     kwargs = block_cls.config_kwargs_from_kohya(parts_by_name)
     config = config_cls(target_modules=sorted(parts_by_name), init_weights=False, **kwargs)
     previous = active_adapters(module)
     attach(module, config, adapter_name)
-    done.append(module)
     blocks = {name: block for name, adapter, block in lowrank_blocks(module, [adapter_name])}
     for name, parts in parts_by_name.items():
         blocks[name].load_kohya(parts, labels[name])

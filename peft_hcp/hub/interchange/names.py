@@ -13,9 +13,9 @@ puts it back for CLIP text encoders that lack it.
 
 from __future__ import annotations
 
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from peft_hcp.base.unwrap import base_module
 from peft_hcp.selectors import selectable_modules
 
 
@@ -45,9 +45,7 @@ def kohya_name_table(model: nn.Module, prefix: str) -> dict[str, str]:
     table: dict[str, str] = {}
     legacy_clip = type(model).__name__.startswith("CLIPTextModel") and not hasattr(model, "text_model")
     for name, module in selectable_modules(model):
-        if isinstance(module, BaseTunerLayer):
-            module = module.get_base_layer()
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not isinstance(base_module(module), (nn.Linear, nn.Conv2d)):
             continue
         legacy = f"text_model.{name}" if legacy_clip and name.split(".")[0] in _CLIP_TEXT_ROOTS else name
         key = kohya_name(prefix, legacy)

@@ -31,7 +31,7 @@ from diffusers.utils.state_dict_utils import (
 from peft import PeftModel
 from torch import nn
 
-from peft_hcp.adapter_set import plugin_components
+from peft_hcp.base.components import DENOISERS, pipeline_components
 from peft_hcp.errors import CheckpointError, few
 from peft_hcp.hub.interchange.blocks import host_layer
 
@@ -40,7 +40,6 @@ _LORA_A = ".lora_A.weight"
 #: a CLIP layer named without ``text_model_``, as LyCORIS names it under transformers 5; diffusers' converter
 #: reads only the older names (it maps ``…_self_attn_q_proj`` nowhere without it), so the level is put back
 _CLIP_WITHOUT_TEXT_MODEL = re.compile(r"^(lora_te[12]?_)(embeddings|encoder|final_layer_norm)_")
-_DENOISERS = ("unet", "transformer")
 
 
 def interchange_components(target) -> dict[str, nn.Module]:
@@ -49,7 +48,7 @@ def interchange_components(target) -> dict[str, nn.Module]:
     A bare model is named after its role: ``unet`` (a UNet), ``transformer`` (another diffusers model),
     ``text_encoder`` (anything else).
     """
-    components = plugin_components(target)
+    components = pipeline_components(target)
     if list(components) == [""]:
         model = components[""]
         model = model.get_base_model() if isinstance(model, PeftModel) else model
@@ -63,7 +62,7 @@ def loader_class(target, components: dict[str, nn.Module]) -> type:
     """The diffusers class whose ``lora_state_dict`` reads files for ``target``."""
     if hasattr(type(target), "lora_state_dict"):
         return type(target)
-    denoiser = next((components[name] for name in _DENOISERS if name in components), None)
+    denoiser = next((components[name] for name in DENOISERS if name in components), None)
     if isinstance(denoiser, FluxTransformer2DModel):
         return FluxLoraLoaderMixin
     if isinstance(denoiser, SD3Transformer2DModel):
@@ -128,7 +127,7 @@ def peft_lora_layers(state: dict[str, torch.Tensor], components: dict[str, nn.Mo
                 if "lora_A" in key or ".down." in key:
                     yield component, key, value, None, False
             continue
-        if component in _DENOISERS:
+        if component in DENOISERS:
             sub = sub if any("lora_A" in k for k in sub) else convert_unet_state_dict_to_peft(sub)
         else:
             if not any("lora_A" in k for k in sub):

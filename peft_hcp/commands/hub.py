@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-
-from peft_hcp.errors import CheckpointError
 
 
 def add_parser(subparsers) -> None:
@@ -51,41 +48,29 @@ def add_parser(subparsers) -> None:
     imp.set_defaults(func=_import)
 
 
-def _report(command: str, func) -> int:
-    try:
-        result = func()
-    except (ValueError, TypeError, FileNotFoundError, CheckpointError) as exc:
-        print(f"peft-hcp {command}: error: {exc}", file=sys.stderr)
-        return 2
-    print(result)
-    return 0
-
-
 def _push(args: argparse.Namespace) -> int:
     from peft_hcp.hub.push import push_folder
 
-    def run():
-        training = json.loads(args.training) if args.training else None
-        commit = push_folder(
-            args.adapter,
-            args.repo_id,
-            token=args.token,
-            private=args.private or None,
-            revision=args.revision,
-            base_model=args.base_model,
-            license=args.license,
-            training=training,
-            sample_image=args.sample_image,
-        )
-        return commit.commit_url
-
-    return _report("push", run)
+    commit = push_folder(
+        args.adapter,
+        args.repo_id,
+        token=args.token,
+        private=args.private or None,
+        revision=args.revision,
+        base_model=args.base_model,
+        license=args.license,
+        training=json.loads(args.training) if args.training else None,
+        sample_image=args.sample_image,
+    )
+    print(commit.commit_url)
+    return 0
 
 
 def _pipeline(pretrained_model):
-    import peft_hcp  # noqa: F401  (registers the bundled plugin types)
+    from peft_hcp.adapters import register_bundled
     from peft_hcp.embedded.pipeline import load_pipeline
 
+    register_bundled()
     return load_pipeline(pretrained_model)
 
 
@@ -93,15 +78,14 @@ def _export(args: argparse.Namespace) -> int:
     from peft_hcp.adapter_set import load_adapter
     from peft_hcp.hub.interchange import export_diffusers, export_kohya
 
-    def run():
-        pipe = _pipeline(args.pretrained_model)
-        load_adapter(pipe, args.adapter)
-        if args.format == "kohya":
-            export_kohya(pipe, args.out)
-            return args.out
-        return export_diffusers(pipe, args.out)
-
-    return _report("export", run)
+    pipe = _pipeline(args.pretrained_model)
+    load_adapter(pipe, args.adapter)
+    if args.format == "kohya":
+        export_kohya(pipe, args.out)
+        print(args.out)
+    else:
+        print(export_diffusers(pipe, args.out))
+    return 0
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -110,13 +94,11 @@ def _import(args: argparse.Namespace) -> int:
     from peft_hcp.hub.interchange import import_hcp, import_kohya
     from peft_hcp.hub.interchange.hcp import is_hcp_checkpoint
 
-    def run():
-        pipe = _pipeline(args.pretrained_model)
-        if is_hcp_checkpoint(read_safetensors(args.file)):
-            import_hcp(pipe, args.file, adapter_name=args.adapter_name)
-        else:
-            import_kohya(pipe, args.file, adapter_name=args.adapter_name, alpha_is_scale=args.alpha_is_scale)
-        save_adapter(pipe, args.out, [args.adapter_name])
-        return args.out
-
-    return _report("import", run)
+    pipe = _pipeline(args.pretrained_model)
+    if is_hcp_checkpoint(read_safetensors(args.file)):
+        import_hcp(pipe, args.file, adapter_name=args.adapter_name)
+    else:
+        import_kohya(pipe, args.file, adapter_name=args.adapter_name, alpha_is_scale=args.alpha_is_scale)
+    save_adapter(pipe, args.out, [args.adapter_name])
+    print(args.out)
+    return 0

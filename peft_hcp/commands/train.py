@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-
-from peft_hcp.errors import CheckpointError
-from peft_hcp.train.data import ImageFileError
-from peft_hcp.train.plugins import PluginConfigError
-from peft_hcp.train.settings import SettingsError
 
 
 def add_parser(subparsers) -> None:
@@ -25,15 +19,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import peft_hcp  # noqa: F401  (registers the bundled plugin types)
+    from peft_hcp.adapters import register_bundled
     from peft_hcp.train.settings import load_settings
     from peft_hcp.train.trainer import LOG_NAME, train
 
-    try:
-        result = train(load_settings(args.config, args.overrides))
-    except (SettingsError, PluginConfigError, CheckpointError, FileNotFoundError, ImageFileError) as exc:
-        print(f"peft-hcp train: error: {exc}", file=sys.stderr)
-        return 2
+    register_bundled()
+    result = train(load_settings(args.config, args.overrides))
     if not result.main_process:
         return 0
     if result.score is not None:

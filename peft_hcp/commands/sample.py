@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 
 SETTINGS = {
@@ -60,13 +59,7 @@ def parse_settings(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = parse_settings(args.settings)
-        paths = sample(args.adapter, settings)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"peft-hcp sample: error: {exc}", file=sys.stderr)
-        return 2
-    print("\n".join(paths))
+    print("\n".join(sample(args.adapter, parse_settings(args.settings))))
     return 0
 
 
@@ -74,13 +67,14 @@ def sample(adapter: str, settings: dict) -> list[str]:
     """Render ``settings['prompt']`` x ``settings['seeds']`` with the adapter; returns the written files."""
     from PIL import Image
 
-    import peft_hcp  # noqa: F401  (registers the bundled plugin types)
     from peft_hcp.adapter_set import load_adapter
+    from peft_hcp.adapters import register_bundled
     from peft_hcp.embedded.pipeline import default_resolution, load_pipeline
     from peft_hcp.train.checkpoint import STATE_NAME
     from peft_hcp.train.data import to_tensor
     from peft_hcp.train.sampling import grid, needs_condition, render_off_on
 
+    register_bundled()
     if not os.path.isdir(adapter):
         raise FileNotFoundError(f"--adapter {adapter!r} is not a folder.")
     recorded = {}
