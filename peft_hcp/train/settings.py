@@ -26,7 +26,8 @@ from peft_hcp.train.plugins import SECTIONS
 #: The default sample prompts: the held-out concept of the generated shapes, which a run on them teaches,
 #: in the kinds no training caption pairs it with.
 CONCEPT_PROMPTS = [f"a {size} {CONCEPT_COLOUR} {shape}" for size, shape in HELD_OUT_KINDS]
-#: The same kinds in the three palette colours nearest the concept's, where it would leak first.
+#: The same kinds in blue and green, the palette colours nearest the concept's, and white, the nearest to a pale cyan:
+#: where the concept would leak first.
 LEAK_PROMPTS = [
     f"a {size} {colour} {shape}" for colour, (size, shape) in zip(("blue", "green", "white"), HELD_OUT_KINDS)
 ]

@@ -390,7 +390,7 @@ def test_a_run_scores_its_samples_and_says_where_its_results_are(run20_printed):
 def test_a_short_run_teaches_the_held_out_concept(tmp_path):
     """The main job, shortened to 100 steps and 6 seeds (0.722 when written), scored on large cyan shapes, which
     it never trained on: the base draws no cyan for cyan prompts; the LoRAs draw the prompted shape in cyan, and
-    keep the colour of prompts naming the colours nearest cyan."""
+    keep the colour of the leak prompts (blue, green, white)."""
     settings = load_settings(
         LORA, [f"output_dir={tmp_path}", "steps=100", "save_every=0", "sample.seeds=[0,1,2,3,4,5]"]
     )
