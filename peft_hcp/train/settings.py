@@ -91,19 +91,16 @@ def load_settings(path: Optional[str], overrides: Sequence[str] = ()) -> DictCon
             raise FileNotFoundError(f"Config file {path!r} does not exist.")
         try:
             layers.append((path, OmegaConf.load(path)))
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            raise SettingsError(f"{path}: not valid YAML: {where}{exc.problem or exc.context}") from exc
         except (OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
-            raise SettingsError(f"{path}: not a readable YAML config: {' '.join(str(exc).split())}") from exc
+            raise SettingsError(f"{path}: {_yaml_problem(exc)}") from exc
     for item in overrides:
-        if "=" not in item:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
             raise SettingsError(f"Override {item!r} is not of the form key=value.")
-    try:
-        layers.append(("overrides", OmegaConf.from_dotlist(list(overrides))))
-    except OmegaConfBaseException as exc:
-        raise SettingsError(f"Bad override: {exc}") from exc
+        try:
+            layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
+            raise SettingsError(f"Override {item!r}: {_yaml_problem(exc)}") from exc
     for source, layer in layers:
         try:
             settings = OmegaConf.merge(settings, layer)
@@ -114,6 +111,15 @@ def load_settings(path: Optional[str], overrides: Sequence[str] = ()) -> DictCon
         settings.output_dir = os.path.join("runs", name)
     _check(settings)
     return settings
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """One line saying what is wrong with a YAML text (where, for a YAML syntax error)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        return f"not valid YAML: {where}{exc.problem or exc.context}"
+    return f"not readable YAML: {' '.join(str(exc).split())}"
 
 
 def _check(settings: DictConfig) -> None:

@@ -503,6 +503,20 @@ def test_cli_names_a_malformed_yaml_file_and_its_line(tmp_path, capsys):
     assert re.search(r"broken\.yaml: not valid YAML: line \d+, column \d+", _one_error_line(capsys))
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("sample.prompts=[a", r"Override 'sample\.prompts=\[a': not valid YAML: line 1, column \d+"),
+        ("steps", r"Override 'steps' is not of the form key=value\."),
+        ("=3", r"Override '=3' is not of the form key=value\."),
+        ("steps=many", r"override 'steps=many': .*many"),
+    ],
+)
+def test_cli_names_a_malformed_override(tmp_path, capsys, override, expected):
+    assert main(["train", LORA, override, f"output_dir={tmp_path / 'o'}"]) == 2
+    assert re.search(expected, _one_error_line(capsys))
+
+
 @pytest.mark.parametrize("damage", ["corrupt", "truncated"])
 def test_cli_names_an_unreadable_training_image(tmp_path, capsys, damage):
     data = tmp_path / "data"
