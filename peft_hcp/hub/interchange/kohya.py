@@ -35,6 +35,7 @@ from peft_hcp.base.preflight import rehearse
 from peft_hcp.base.snapshot import all_or_nothing
 from peft_hcp.errors import CheckpointError, few
 from peft_hcp.hub.interchange.blocks import lowrank_blocks
+from peft_hcp.hub.interchange.comfyui import comfyui_layers_of_file, reads_comfyui_layout
 from peft_hcp.hub.interchange.names import kohya_name_table, kohya_prefixes
 from peft_hcp.hub.interchange.stock import (
     check_placement,
@@ -105,6 +106,9 @@ def import_kohya(
     state = read_safetensors(path)
     components = interchange_components(target)
     loader = loader_class(target, components)
+    if reads_comfyui_layout(state, components):  # diffusion_model.<original name> of a DiT, alphas included
+        by_component, labels, block_cls = comfyui_layers_of_file(state, path, components, alpha_is_scale)
+        return install_layers(components, by_component, labels, block_cls, adapter_name, is_trainable, path)
     if state and not any(key.startswith(_KOHYA_STARTS) for key in state):
         return _import_diffusers_layout(state, path, loader, components, adapter_name, is_trainable)
     layers: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
