@@ -235,7 +235,7 @@ def export_comfyui(target, path: str, adapter_names: Optional[list[str]] = None)
     components = interchange_components(target)
     denoiser = next((components[name] for name in DENOISERS if name in components), None)
     family = family_of(denoiser) if denoiser is not None else None
-    if family is None:
+    if denoiser is None or family is None:
         from peft_hcp.hub.interchange.kohya import export_kohya  # kohya.py reads ComfyUI files through this module
 
         return export_kohya(target, path, adapter_names)
@@ -334,13 +334,12 @@ def _fused_lora(layer: Layer, blocks: dict[str, LowRankBlock], model: nn.Module)
     shared = scales.pop() if len(scales) == 1 else None
     downs, ups = [], []
     for module in layer.modules:
-        rows = host_layer(model, module).weight.shape[0]
-        tensors = parts.get(module)
-        if tensors is None:
-            ups.append(torch.zeros(rows, 0))
+        lora = parts.get(module)
+        if lora is None:
+            ups.append(torch.zeros(_rows(model, module), 0))
             continue
-        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
-        scale = float(tensors["alpha"]) / down.shape[0]
+        down, up = lora["lora_down.weight"], lora["lora_up.weight"]
+        scale = float(lora["alpha"]) / down.shape[0]
         downs.append(down)
         ups.append(up if shared is not None else up * scale)
     down = torch.cat(downs)
@@ -350,6 +349,12 @@ def _fused_lora(layer: Layer, blocks: dict[str, LowRankBlock], model: nn.Module)
         "lora_up.weight": up,
         "alpha": torch.tensor((1.0 if shared is None else shared) * down.shape[0]),
     }
+
+
+def _rows(model: nn.Module, name: str) -> int:
+    weight = host_layer(model, name).weight
+    assert isinstance(weight, torch.Tensor)
+    return int(weight.shape[0])
 
 
 def _swap_halves(tensors: dict[str, torch.Tensor], layer: str) -> dict[str, torch.Tensor]:
@@ -423,10 +428,10 @@ def comfyui_layers_of_file(
             by_component[component][module] = parts
             labels[module] = f"{name} ({module})"
             continue
-        layer = table[name]
-        if layer.swap_halves:
+        entry = table[name]
+        if entry.swap_halves:
             parts = _swap_halves(parts, name)
-        split = {layer.modules[0]: parts} if len(layer.modules) == 1 else _split_fused(layer, parts, denoiser, path)
+        split = {entry.modules[0]: parts} if len(entry.modules) == 1 else _split_fused(entry, parts, denoiser, path)
         for module, tensors in split.items():
             by_component[denoiser_name][module] = tensors
             labels[module] = f"{name} ({module})"
@@ -455,7 +460,7 @@ def _split_fused(
     down, up = parts["lora_down.weight"], parts["lora_up.weight"]
     rank = down.shape[0]
     alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
-    sizes = [host_layer(model, module).weight.shape[0] for module in layer.modules]
+    sizes = [_rows(model, module) for module in layer.modules]
     if sum(sizes) != up.shape[0]:
         raise CheckpointError(
             f"{path}: layer {PREFIX}{layer.name} has {up.shape[0]} output rows; its parts {', '.join(layer.modules)} "
