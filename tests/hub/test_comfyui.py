@@ -1,0 +1,226 @@
+"""ComfyUI-layout files for DiTs, both ways: checked against ComfyUI's key maps and patch math
+(:mod:`tests.comfyui_keymaps`), diffusers' converters where it has one, and a round trip through ``import_kohya``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.loaders import FluxLoraLoaderMixin, QwenImageLoraLoaderMixin, WanLoraLoaderMixin
+from safetensors.torch import save_file
+from torch import nn
+
+from peft_hcp import CheckpointError, HcpLohaConfig, HcpLokrConfig, HcpLoraConfig
+from peft_hcp.embedded.models import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
+from peft_hcp.hub import attach
+from peft_hcp.hub.interchange import export_comfyui, export_kohya, import_kohya
+from tests.comfyui_keymaps import apply_as_comfyui, file_layers, flux_targets, mmdit_targets, wan_targets
+from tests.helpers import pipe_out, tiny_pipeline
+from tests.interchange_hosts import qwen_image_inputs, tiny_qwen_image, tiny_wan, wan_inputs
+
+
+FAMILIES = {
+    "flux": (tiny_flux, flux_inputs),
+    "sd3": (tiny_sd3, sd3_inputs),
+    "wan": (tiny_wan, wan_inputs),
+    "wan_i2v": (lambda: tiny_wan(image_dim=8), lambda: wan_inputs(image_dim=8)),
+    "qwen": (tiny_qwen_image, qwen_image_inputs),
+}
+#: diffusers' module names ComfyUI's layouts fuse (only a LoRA fuses) or store as (scale, shift)
+_FUSED = r"(attn2?\.(to_[qkv]|add_[qkv]_proj)|proj_mlp)$"
+_SWAPPED = r"(norm_out\.linear|transformer_blocks\.3\.norm1_context\.linear)$"
+
+
+def _layers(model: nn.Module, skip: str = "^$") -> list[str]:
+    import re
+
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and not re.search(skip, name)
+    ]
+
+
+def _out(model: nn.Module, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs()).sample
+
+
+def _adapted(family: str, config_cls=HcpLoraConfig, skip: str = "^$", **kwargs) -> nn.Module:
+    build, _ = FAMILIES[family]
+    model = build()
+    kwargs = {"r": 2, "alpha": 3.0, **kwargs}
+    attach(model, config_cls(target_modules=_layers(model, skip), init_weights=False, **kwargs), "style")
+    return model
+
+
+def _comfyui_targets(family: str, model: nn.Module, path: str) -> dict:
+    if family == "flux":
+        return flux_targets(model)
+    if family == "sd3":
+        return mmdit_targets(model)
+    layers = sorted(file_layers(path))
+    if family.startswith("wan"):
+        return wan_targets(model, layers)
+    return {layer: (layer, 0, None, False) for layer in layers}  # Qwen-Image: ComfyUI's model has diffusers' names
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lora_export_is_what_comfyui_applies_and_imports_back(family, tmp_path):
+    """Every Linear/Conv2d adapted: ComfyUI's key map names every file layer, its patch gives our outputs, and
+    ``import_kohya`` reads the file back to the same outputs."""
+    build, inputs = FAMILIES[family]
+    model = _adapted(family)
+    expected = _out(model, inputs)
+    path = str(tmp_path / "comfy.safetensors")
+    tensors = export_comfyui(model, path)
+    assert all(k.startswith("diffusion_model.") for k in tensors)
+    comfy = build()
+    apply_as_comfyui(comfy, path, _comfyui_targets(family, comfy, path))
+    assert (_out(build(), inputs) - expected).abs().max() > 1e-2
+    torch.testing.assert_close(_out(comfy, inputs), expected, rtol=1e-5, atol=1e-5)
+    back = build()
+    placed = import_kohya(back, path)
+    assert placed == {"transformer": sorted(_layers(build()))}
+    torch.testing.assert_close(_out(back, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("family", "skip"),
+    [("flux", r"^(?!.*blocks)|single.*(attn|proj_mlp)"), ("wan", "^$"), ("wan_i2v", "^$"), ("qwen", "^$")],
+)
+def test_lora_export_loads_in_diffusers(family, skip, tmp_path):
+    """diffusers' converter reads the file to the same outputs. Flux: on the blocks but ``linear1``, since its
+    converter splits ``linear1`` at Flux-dev's sizes and drops the layers outside the blocks (ComfyUI reads them,
+    above). Wan: the scale of ``head.head`` / ``time_projection``, whose alphas it cannot read, is folded in."""
+    loader = {"flux": FluxLoraLoaderMixin, "qwen": QwenImageLoraLoaderMixin}.get(family, WanLoraLoaderMixin)
+    build, inputs = FAMILIES[family]
+    model = _adapted(family, skip=skip, r=3, alpha=2.0)
+    path = str(tmp_path / "comfy.safetensors")
+    tensors = export_comfyui(model, path)
+    if family.startswith("wan"):
+        assert "diffusion_model.head.head.alpha" not in tensors and "diffusion_model.blocks.0.ffn.0.alpha" in tensors
+    stock = build()
+    stock.load_lora_adapter(loader.lora_state_dict(path), prefix="transformer")
+    torch.testing.assert_close(_out(stock, inputs), _out(model, inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "wan", "qwen"])
+@pytest.mark.parametrize(
+    ("config_cls", "kwargs"),
+    [(HcpLohaConfig, {}), (HcpLokrConfig, {"decompose_both": True, "r": 2}), (HcpLokrConfig, {"r": 2})],
+    ids=["loha", "lokr_decomposed", "lokr"],
+)
+def test_lycoris_export_is_what_comfyui_applies(family, config_cls, kwargs, tmp_path):
+    """LoHa and LoKr under LyCORIS' tensor names, on every layer ComfyUI does not fuse; round trip too."""
+    build, inputs = FAMILIES[family]
+    skip = _FUSED if family in ("flux", "sd3") else "^$"
+    if config_cls is HcpLokrConfig:
+        skip += "|" + _SWAPPED
+    model = _adapted(family, config_cls, skip=skip, **{"alpha": 3.0, **kwargs})
+    expected = _out(model, inputs)
+    path = str(tmp_path / "comfy.safetensors")
+    export_comfyui(model, path)
+    comfy = build()
+    apply_as_comfyui(comfy, path, _comfyui_targets(family, comfy, path))
+    assert (_out(build(), inputs) - expected).abs().max() > 1e-3
+    torch.testing.assert_close(_out(comfy, inputs), expected, rtol=1e-5, atol=1e-5)
+    back = build()
+    import_kohya(back, path)
+    torch.testing.assert_close(_out(back, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_export_round_trip(tmp_path):
+    build, inputs = FAMILIES["wan"]
+    model = _adapted("wan", use_dora=True)
+    path = str(tmp_path / "dora.safetensors")
+    tensors = export_comfyui(model, path)
+    assert "diffusion_model.blocks.0.self_attn.q.dora_scale" in tensors
+    back = build()
+    import_kohya(back, path)
+    assert back.peft_config["default"].use_dora
+    torch.testing.assert_close(_out(back, inputs), _out(model, inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "kwargs", "variant"),
+    [(HcpLohaConfig, {}, "LohaBlock"), (HcpLoraConfig, {"use_dora": True}, "DoRA")],
+)
+def test_variants_a_fused_layer_cannot_hold_are_refused(config_cls, kwargs, variant, tmp_path):
+    model = _adapted("flux", config_cls, skip=r"^(?!transformer_blocks\.0\.attn\.to_q$)", **kwargs)
+    path = tmp_path / "no.safetensors"
+    with pytest.raises(ValueError, match=rf"double_blocks\.0\.img_attn\.qkv.*{variant} cannot be fused"):
+        export_comfyui(model, str(path))
+    assert not path.exists()
+
+
+def test_partly_adapted_fused_layer_and_different_scales(tmp_path):
+    """``to_q`` and ``to_v`` of a fused ``qkv`` at two scales (no ``to_k``): zero rows for ``to_k``, scales folded."""
+    build, inputs = FAMILIES["flux"]
+    model = build()
+    attach(model, HcpLoraConfig(target_modules=["transformer_blocks.0.attn.to_q"], init_weights=False, alpha=2.0), "a")
+    attach(model, HcpLoraConfig(target_modules=["transformer_blocks.0.attn.to_v"], init_weights=False, r=3), "b")
+    path = str(tmp_path / "qv.safetensors")
+    tensors = export_comfyui(model, path)
+    assert tensors["diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight"].shape[0] == 7
+    comfy = build()
+    apply_as_comfyui(comfy, path, flux_targets(comfy))
+    torch.testing.assert_close(_out(comfy, inputs), _out(model, inputs), rtol=1e-5, atol=1e-5)
+    back = build()
+    assert import_kohya(back, path) == {"transformer": [f"transformer_blocks.0.attn.to_{p}" for p in "qv"]}
+    torch.testing.assert_close(_out(back, inputs), _out(model, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_third_party_wan_files_import_as_diffusers_reads_them(tmp_path):
+    """musubi/ai-toolkit write ``lora_A``/``lora_B`` under Wan's names, with or without alphas."""
+    build, inputs = FAMILIES["wan"]
+    gen = torch.Generator().manual_seed(3)
+    tensors = {}
+    for layer, (rows, cols) in {"blocks.0.self_attn.q": (16, 16), "blocks.1.ffn.0": (32, 16)}.items():
+        tensors[f"diffusion_model.{layer}.lora_A.weight"] = torch.randn(4, cols, generator=gen)
+        tensors[f"diffusion_model.{layer}.lora_B.weight"] = torch.randn(rows, 4, generator=gen)
+    tensors["diffusion_model.blocks.0.self_attn.q.alpha"] = torch.tensor(2.0)
+    path = str(tmp_path / "wan.safetensors")
+    save_file(tensors, path)
+    stock = build()
+    stock.load_lora_adapter(WanLoraLoaderMixin.lora_state_dict(path), prefix="transformer")
+    ours = build()
+    import_kohya(ours, path)
+    expected = _out(stock, inputs)
+    assert (_out(build(), inputs) - expected).abs().max() > 1e-2
+    torch.testing.assert_close(_out(ours, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_comfyui_files_are_refused_and_change_nothing(tmp_path):
+    build, inputs = FAMILIES["qwen"]
+    model = build()
+    base = _out(model, inputs)
+    state = {
+        "diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight": torch.ones(2, 16),
+        "diffusion_model.transformer_blocks.0.attn.to_q.lora_up.weight": torch.ones(16, 2),
+        "diffusion_model.transformer_blocks.0.attn.nowhere.lora_down.weight": torch.ones(2, 16),
+        "diffusion_model.transformer_blocks.0.attn.nowhere.lora_up.weight": torch.ones(16, 2),
+    }
+    save_file(state, str(tmp_path / "unknown.safetensors"))
+    with pytest.raises(CheckpointError, match=r"match no layer of ComfyUI's Qwen-Image layout.*attn\.nowhere"):
+        import_kohya(model, str(tmp_path / "unknown.safetensors"))
+    state = {k.replace("nowhere", "to_k"): v for k, v in state.items()}
+    state["diffusion_model.transformer_blocks.0.attn.to_k.lora_up.weight"] = torch.ones(17, 2)
+    save_file(state, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(
+        CheckpointError, match=r"Shape mismatch in layer diffusion_model\.transformer_blocks\.0\.attn\.to_k"
+    ):
+        import_kohya(model, str(tmp_path / "shape.safetensors"))
+    assert not getattr(model, "peft_config", None)
+    torch.testing.assert_close(_out(model, inputs), base, rtol=0, atol=0)
+
+
+def test_sd_pipelines_export_kohya_names(tmp_path):
+    """SD 1.x/SDXL: ComfyUI reads kohya names, so ``export_comfyui`` writes ``export_kohya``'s file."""
+    pipe = tiny_pipeline()
+    attach(pipe.unet, HcpLoraConfig(target_modules=["to_q", "conv1"], init_weights=False), "a")
+    ours = export_comfyui(pipe, str(tmp_path / "comfy.safetensors"))
+    kohya = export_kohya(pipe, str(tmp_path / "kohya.safetensors"))
+    assert ours.keys() == kohya.keys() and all(torch.equal(ours[k], kohya[k]) for k in ours)
+    stock = tiny_pipeline()
+    stock.load_lora_weights(str(tmp_path / "comfy.safetensors"))
+    torch.testing.assert_close(pipe_out(stock), pipe_out(pipe), rtol=1e-4, atol=1e-4)
