@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers.loaders import FluxLoraLoaderMixin, QwenImageLoraLoaderMixin, WanLoraLoaderMixin
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peft_hcp import CheckpointError, HcpLohaConfig, HcpLokrConfig, HcpLoraConfig
@@ -224,3 +224,41 @@ def test_sd_pipelines_export_kohya_names(tmp_path):
     stock = tiny_pipeline()
     stock.load_lora_weights(str(tmp_path / "comfy.safetensors"))
     torch.testing.assert_close(pipe_out(stock), pipe_out(pipe), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_exports_a_wan_set_from_its_pipeline_folder(tmp_path):
+    """``peft-hcp export --format comfyui --pretrained-model <Wan folder>`` loads the Wan pipeline the set was made on."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    from peft_hcp.cli import main
+    from peft_hcp.hub import save_adapter
+
+    pipe = WanPipeline(
+        tokenizer=None, text_encoder=None, vae=None, transformer=tiny_wan(), scheduler=FlowMatchEulerDiscreteScheduler()
+    )
+    pipe.save_pretrained(str(tmp_path / "wan"))
+    attach(pipe.transformer, HcpLoraConfig(target_modules=["to_q", "ffn.net.2", "proj_out"], init_weights=False), "a")
+    save_adapter(pipe, str(tmp_path / "set"))
+    out = str(tmp_path / "wan_comfy.safetensors")
+    args = ["export", str(tmp_path / "set"), "--format", "comfyui", "--out", out]
+    assert main([*args, "--pretrained-model", str(tmp_path / "wan")]) == 0
+    expected = export_comfyui(pipe, str(tmp_path / "direct.safetensors"))
+    written = load_file(out)
+    assert written.keys() == expected.keys() and "diffusion_model.blocks.1.cross_attn.q.lora_up.weight" in written
+    assert all(torch.equal(written[k], expected[k]) for k in written)
+    assert main(args) == 2  # the set does not fit the embedded SD pipeline: refused, by name
+
+
+def test_cli_refuses_a_pipeline_folder_naming_code_elsewhere(tmp_path, capsys):
+    import json
+
+    from peft_hcp.cli import main
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model_index.json").write_text(
+        json.dumps({"_class_name": "WanPipeline", "transformer": ["evil_module", "Thing"]})
+    )
+    args = ["export", str(tmp_path), "--format", "comfyui", "--out", str(tmp_path / "x.safetensors")]
+    assert main([*args, "--pretrained-model", str(tmp_path / "base")]) == 2
+    assert "transformer comes from 'evil_module'" in capsys.readouterr().err
+    assert "evil_module" not in __import__("sys").modules
