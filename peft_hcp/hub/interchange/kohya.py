@@ -95,7 +95,8 @@ def import_kohya(
     """Load a kohya/webui/LyCORIS file into a pipeline or model as adapter ``adapter_name``.
 
     A LoRA file with no kohya layer names (``lora_…``) is read whole by diffusers' converter: diffusers'
-    own layout, ai-toolkit and the other layouts its ``lora_state_dict`` reads.
+    own layout, ai-toolkit and the other layouts its ``lora_state_dict`` reads. A file of ``diffusion_model.``
+    layers on a Flux, SD3, Wan or Qwen-Image model is ComfyUI's layout (:mod:`.comfyui`), any variant, alphas read.
 
     Layers are placed where diffusers' own loader places them (:mod:`.stock`): SD 1.x/2.x and SDXL names
     (SGM ``input_blocks`` included), ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` with or without
@@ -107,8 +108,8 @@ def import_kohya(
     components = interchange_components(target)
     loader = loader_class(target, components)
     if reads_comfyui_layout(state, components):  # diffusion_model.<original name> of a DiT, alphas included
-        by_component, labels, block_cls = comfyui_layers_of_file(state, path, components, alpha_is_scale)
-        return install_layers(components, by_component, labels, block_cls, adapter_name, is_trainable, path)
+        placed = comfyui_layers_of_file(state, path, components, alpha_is_scale)
+        return install_layers(components, *placed, adapter_name, is_trainable, path)
     if state and not any(key.startswith(_KOHYA_STARTS) for key in state):
         return _import_diffusers_layout(state, path, loader, components, adapter_name, is_trainable)
     layers: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
