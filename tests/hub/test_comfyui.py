@@ -262,3 +262,35 @@ def test_cli_refuses_a_pipeline_folder_naming_code_elsewhere(tmp_path, capsys):
     assert main([*args, "--pretrained-model", str(tmp_path / "base")]) == 2
     assert "transformer comes from 'evil_module'" in capsys.readouterr().err
     assert "evil_module" not in __import__("sys").modules
+
+
+def test_wan22_experts_export_to_a_file_each(tmp_path):
+    """Wan 2.2's ``transformer_2`` (the low-noise expert) is a model of its own in ComfyUI, with its own file."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    build, inputs = FAMILIES["wan"]
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        transformer=build(),
+        transformer_2=tiny_wan(seed=1),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        boundary_ratio=0.875,
+    )
+    attach(pipe.transformer, HcpLoraConfig(target_modules=["to_q"], init_weights=False), "high")
+    attach(pipe.transformer_2, HcpLoraConfig(target_modules=["to_v", "ffn.net.0.proj"], init_weights=False), "low")
+    with pytest.raises(ValueError, match="transformer_2 also carries adapters.*component='transformer_2'"):
+        export_comfyui(pipe, str(tmp_path / "high.safetensors"))
+    path = str(tmp_path / "low.safetensors")
+    with pytest.raises(ValueError, match="transformer also carries adapters"):
+        export_comfyui(pipe, path, component="transformer_2")
+    export_comfyui(pipe, path, adapter_names=["low"], component="transformer_2")
+    comfy = tiny_wan(seed=1)
+    apply_as_comfyui(comfy, path, wan_targets(comfy, sorted(file_layers(path))))
+    assert {"blocks.0.ffn.0", "blocks.1.self_attn.v", "blocks.1.cross_attn.v"} <= set(file_layers(path))
+    torch.testing.assert_close(_out(comfy, inputs), _out(pipe.transformer_2, inputs), rtol=1e-5, atol=1e-5)
+    export_comfyui(pipe, str(tmp_path / "high.safetensors"), adapter_names=["high"])
+    assert sorted(file_layers(str(tmp_path / "high.safetensors"))) == [
+        f"blocks.{i}.{a}.q" for i in "01" for a in ("cross_attn", "self_attn")
+    ]

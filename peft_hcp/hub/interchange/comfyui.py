@@ -36,7 +36,7 @@ from diffusers.models.normalization import AdaLayerNormContinuous
 from safetensors.torch import save_file
 from torch import nn
 
-from peft_hcp.base.components import DENOISERS
+from peft_hcp.base.components import DENOISERS, pipeline_components
 from peft_hcp.base.config import PEFT_HCP_VERSION
 from peft_hcp.base.unwrap import base_module
 from peft_hcp.errors import CheckpointError, few
@@ -47,6 +47,8 @@ from peft_hcp.selectors import selectable_modules
 from peft_hcp.single.lowrank import LowRankBlock, lowrank_type_of
 
 
+#: how the names of a pipeline's denoisers start (``transformer_2`` is Wan 2.2's second expert)
+_DENOISER_NAMES = ("transformer", "unet")
 #: how ComfyUI's layer names of a diffusion model start
 PREFIX = "diffusion_model."
 _LORA = ("lora_down.weight", "lora_up.weight")
@@ -224,23 +226,41 @@ def _in_continuous_norm(model: nn.Module, name: str) -> bool:
 # -- export --------------------------------------------------------------------------------------
 
 
-def export_comfyui(target, path: str, adapter_names: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
+def export_comfyui(
+    target, path: str, adapter_names: Optional[list[str]] = None, component: Optional[str] = None
+) -> dict[str, torch.Tensor]:
     """Write the low-rank adapters of a pipeline, model or ``PeftModel`` to one file in ComfyUI's layout.
 
     DiTs (Flux, SD3, Wan, Qwen-Image) get ``diffusion_model.`` names of their original layout, CLIP text encoders
     and SD 1.x/SDXL UNets kohya names (:func:`~peft_hcp.hub.interchange.export_kohya`). LoHa, LoKr and DoRA are
     written under LyCORIS' tensor names. A variant a layer cannot hold (LoHa on a fused ``qkv``, a LoRA bias) is
     refused, naming it and the layer; nothing is written then.
+
+    ComfyUI loads each of Wan 2.2's two experts as a model of its own, with a file of its own:
+    ``component="transformer_2"`` writes the second expert's file (the text encoders go with the first's).
     """
     components = interchange_components(target)
-    denoiser = next((components[name] for name in DENOISERS if name in components), None)
-    family = family_of(denoiser) if denoiser is not None else None
-    if denoiser is None or family is None:
+    if not isinstance(target, nn.Module):  # every denoiser of the pipeline (Wan 2.2's transformer_2 too)
+        every = pipeline_components(target, None)
+        components.update({c: m for c, m in every.items() if c.startswith(_DENOISER_NAMES) and c not in components})
+    name = component or next((c for c in DENOISERS if c in components), None)
+    if name is not None and name not in components:
+        raise ValueError(f"{type(target).__name__} has no component {name!r}.")
+    family = family_of(components[name]) if name is not None else None
+    if name is None or family is None:
         from peft_hcp.hub.interchange.kohya import export_kohya  # kohya.py reads ComfyUI files through this module
 
         return export_kohya(target, path, adapter_names)
-    tensors = _denoiser_tensors(denoiser, family, adapter_names)
-    tensors.update(_text_encoder_tensors(components, family, adapter_names))
+    others = [c for c in components if c != name and not c.startswith("text_encoder")]
+    left = [c for c in others if _one_block_per_module(components[c], adapter_names)]
+    if left:
+        raise ValueError(
+            f"{', '.join(left)} also carries adapters; ComfyUI loads each denoiser with a file of its own: export "
+            f"them with component={left[0]!r}."
+        )
+    tensors = _denoiser_tensors(components[name], family, adapter_names)
+    if component is None:
+        tensors.update(_text_encoder_tensors(components, family, adapter_names))
     if not tensors:
         raise ValueError(f"{type(target).__name__} has no low-rank adapters to export.")
     kind = "networks.lora" if all(k.endswith((*_LORA, ".alpha")) for k in tensors) else "lycoris.kohya"
