@@ -75,20 +75,21 @@ def _fused(targets: dict, block: str, parts: list[str], weight: str, sizes: list
         start += size
 
 
+def _joint_blocks(targets: dict, count: int, to: str, qkv: tuple[str, str], block_map: dict, hidden: int) -> None:
+    """A double/joint block's fused image and text ``qkv`` (ComfyUI's offsets) and its one-to-one weights."""
+    for i in range(count):
+        block, prefix = f"transformer_blocks.{i}", f"{to}.{i}"
+        _fused(targets, block, ["attn.to_q", "attn.to_k", "attn.to_v"], f"{prefix}.{qkv[0]}", [hidden] * 3)
+        add = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]
+        _fused(targets, block, add, f"{prefix}.{qkv[1]}", [hidden] * 3)
+        targets.update({f"{block}.{d}": (f"{prefix}.{c}", 0, None, False) for d, c in block_map.items()})
+
+
 def flux_targets(model: FluxTransformer2DModel) -> dict[str, Target]:
     hidden = model.inner_dim
     targets: dict[str, Target] = {}
-    for i in range(len(model.transformer_blocks)):
-        block, to = f"transformer_blocks.{i}", f"double_blocks.{i}"
-        _fused(targets, block, ["attn.to_q", "attn.to_k", "attn.to_v"], f"{to}.img_attn.qkv", [hidden] * 3)
-        _fused(
-            targets,
-            block,
-            ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
-            f"{to}.txt_attn.qkv",
-            [hidden] * 3,
-        )
-        targets.update({f"{block}.{d}": (f"{to}.{c}", 0, None, False) for d, c in _FLUX_DOUBLE.items()})
+    qkv = ("img_attn.qkv", "txt_attn.qkv")
+    _joint_blocks(targets, len(model.transformer_blocks), "double_blocks", qkv, _FLUX_DOUBLE, hidden)
     for i in range(len(model.single_transformer_blocks)):
         block, to = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
         parts = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
@@ -103,17 +104,8 @@ def mmdit_targets(model: SD3Transformer2DModel) -> dict[str, Target]:
     depth = len(model.transformer_blocks)
     hidden = model.inner_dim  # ComfyUI: depth * 64, the width of SD3's configurations
     targets: dict[str, Target] = {}
-    for i in range(depth):
-        block, to = f"transformer_blocks.{i}", f"joint_blocks.{i}"
-        _fused(targets, block, ["attn.to_q", "attn.to_k", "attn.to_v"], f"{to}.x_block.attn.qkv", [hidden] * 3)
-        _fused(
-            targets,
-            block,
-            ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
-            f"{to}.context_block.attn.qkv",
-            [hidden] * 3,
-        )
-        targets.update({f"{block}.{d}": (f"{to}.{c}", 0, None, False) for d, c in _MMDIT_BLOCK.items()})
+    qkv = ("x_block.attn.qkv", "context_block.attn.qkv")
+    _joint_blocks(targets, depth, "joint_blocks", qkv, _MMDIT_BLOCK, hidden)
     targets.update({d: (c, 0, None, False) for d, c in _MMDIT_BASIC.items()})
     targets["norm_out.linear"] = ("final_layer.adaLN_modulation.1", 0, None, True)
     last = f"transformer_blocks.{depth - 1}.norm1_context.linear"

@@ -40,11 +40,11 @@ from peft_hcp.base.components import DENOISERS, pipeline_components
 from peft_hcp.base.config import PEFT_HCP_VERSION
 from peft_hcp.base.unwrap import base_module
 from peft_hcp.errors import CheckpointError, few
-from peft_hcp.hub.interchange.blocks import host_layer, lowrank_blocks
+from peft_hcp.hub.interchange.blocks import file_variant, host_layer, lowrank_blocks
 from peft_hcp.hub.interchange.names import kohya_name_table, kohya_prefixes
 from peft_hcp.hub.interchange.stock import interchange_components
 from peft_hcp.selectors import selectable_modules
-from peft_hcp.single.lowrank import LowRankBlock, lowrank_type_of
+from peft_hcp.single.lowrank import LowRankBlock
 
 
 #: how the names of a pipeline's denoisers start (``transformer_2`` is Wan 2.2's second expert)
@@ -433,16 +433,10 @@ def comfyui_layers_of_file(
             f"{path}: {len(unknown)} layer(s) match no layer of ComfyUI's {family.name} layout on this "
             f"{'/'.join(components)}: {few(unknown)}."
         )
-    kinds = {layer: lowrank_type_of(set(parts), layer, path) for layer, parts in layers.items()}
-    if len(set(kinds.values())) != 1:
-        found = sorted({cls.__name__ for cls in kinds.values()})
-        raise CheckpointError(f"{path} mixes low-rank variants {found}; import one variant per file.")
-    block_cls = next(iter(kinds.values()))
+    block_cls = file_variant(layers, path, alpha_is_scale)
     by_component: dict[str, dict[str, dict[str, torch.Tensor]]] = defaultdict(dict)
     labels: dict[str, str] = {}
     for name, parts in layers.items():
-        if alpha_is_scale and "alpha" in parts:
-            parts["alpha"] = parts["alpha"] * block_cls.kohya_rank(parts)
         if name in text_names:
             component, module = text_names[name]
             by_component[component][module] = parts

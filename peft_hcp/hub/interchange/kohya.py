@@ -34,7 +34,7 @@ from peft_hcp.base.names import check_adapter_name
 from peft_hcp.base.preflight import rehearse
 from peft_hcp.base.snapshot import all_or_nothing
 from peft_hcp.errors import CheckpointError, few
-from peft_hcp.hub.interchange.blocks import lowrank_blocks
+from peft_hcp.hub.interchange.blocks import file_variant, lowrank_blocks
 from peft_hcp.hub.interchange.comfyui import comfyui_layers_of_file, reads_comfyui_layout
 from peft_hcp.hub.interchange.names import kohya_name_table, kohya_prefixes
 from peft_hcp.hub.interchange.stock import (
@@ -123,15 +123,7 @@ def import_kohya(
         raise CheckpointError(
             f"{path}: {len(unknown)} layer(s) match no layer of this {'/'.join(components)}: {few(unknown)}."
         )
-    kinds = {layer: lowrank_type_of(set(parts), layer, path) for layer, parts in layers.items()}
-    if len(set(kinds.values())) != 1:
-        found = sorted({cls.__name__ for cls in kinds.values()})
-        raise CheckpointError(f"{path} mixes low-rank variants {found}; import one variant per file.")
-    block_cls = next(iter(kinds.values()))
-    if alpha_is_scale:
-        for parts in layers.values():
-            if "alpha" in parts:
-                parts["alpha"] = parts["alpha"] * block_cls.kohya_rank(parts)
+    block_cls = file_variant(layers, path, alpha_is_scale)
 
     fused = {layer: parts for layer, parts in layers.items() if len(places[layer]) != 1}
     if fused and not block_cls.matches_kohya({"lora_down.weight", "lora_up.weight"}):
