@@ -294,3 +294,52 @@ def test_wan22_experts_export_to_a_file_each(tmp_path):
     assert sorted(file_layers(str(tmp_path / "high.safetensors"))) == [
         f"blocks.{i}.{a}.q" for i in "01" for a in ("cross_attn", "self_attn")
     ]
+
+
+def test_flux_pipeline_clip_text_encoder_in_kohya_names(tmp_path):
+    """A Flux pipeline's CLIP text encoder goes into the same file under kohya names, which ComfyUI's
+    ``model_lora_keys_clip`` maps (``lora_te_text_model_encoder_layers_N_<mlp_fc1 …>``) and stock
+    ``FluxPipeline.load_lora_weights`` reads; ``import_kohya`` puts both components back."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from peft_hcp.embedded import tiny_clip_text_model
+
+    def pipeline() -> FluxPipeline:
+        return FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=None,
+            text_encoder=tiny_clip_text_model(),
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            transformer=tiny_flux(),
+        )
+
+    def outputs(pipe: FluxPipeline) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            text = pipe.text_encoder(torch.tensor([[1, 5, 9, 2]])).last_hidden_state
+        return text, _out(pipe.transformer, flux_inputs)
+
+    pipe = pipeline()
+    text_layers = ["q_proj", "out_proj", "fc1"]  # diffusers reads old processor names without an out_proj
+    attach(pipe.text_encoder, HcpLoraConfig(target_modules=text_layers, init_weights=False, alpha=2.0), "a")
+    double = [f"transformer_blocks.{i}.attn.to_{p}" for i in range(3) for p in "qkv"]  # not linear1: see above
+    attach(pipe.transformer, HcpLoraConfig(target_modules=double, init_weights=False), "a")
+    path = str(tmp_path / "flux.safetensors")
+    tensors = export_comfyui(pipe, path)
+    clip_map = {"mlp_fc1", "mlp_fc2", "self_attn_k_proj", "self_attn_q_proj", "self_attn_v_proj", "self_attn_out_proj"}
+    text_layers = {k.split(".")[0] for k in tensors if not k.startswith("diffusion_model.")}
+    assert text_layers and all(
+        layer.removeprefix("lora_te_text_model_encoder_layers_").split("_", 1)[1] in clip_map for layer in text_layers
+    )
+    assert "diffusion_model.double_blocks.2.img_attn.qkv.lora_up.weight" in tensors
+    back = pipeline()
+    placed = import_kohya(back, path)
+    assert set(placed) == {"text_encoder", "transformer"}
+    for ours, expected in zip(outputs(back), outputs(pipe)):
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    stock = pipeline()
+    stock.load_lora_weights(path)
+    for theirs, expected, base in zip(outputs(stock), outputs(pipe), outputs(pipeline())):
+        assert (expected - base).abs().max() > 1e-3
+        torch.testing.assert_close(theirs, expected, rtol=1e-5, atol=1e-5)
