@@ -343,3 +343,22 @@ def test_flux_pipeline_clip_text_encoder_in_kohya_names(tmp_path):
     for theirs, expected, base in zip(outputs(stock), outputs(pipe), outputs(pipeline())):
         assert (expected - base).abs().max() > 1e-3
         torch.testing.assert_close(theirs, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_variants_fused_or_swapped_layers_cannot_hold_are_refused_on_import(tmp_path):
+    build, inputs = FAMILIES["flux"]
+    gen = torch.Generator().manual_seed(0)
+    loha = {name: torch.randn(2, 2, generator=gen) for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+    lokr = {"lokr_w1": torch.randn(2, 2, generator=gen), "lokr_w2": torch.randn(32, 16, generator=gen)}
+    model = build()
+    base = _out(model, inputs)
+    for layer, parts, match in [
+        ("double_blocks.0.img_attn.qkv", loha, "stands for transformer_blocks.0.attn.to_q.*only LoRA splits"),
+        ("final_layer.adaLN_modulation.1", lokr, r"orders its rows \(scale, shift\): only LoRA and LoHa"),
+    ]:
+        path = str(tmp_path / "bad.safetensors")
+        save_file({f"diffusion_model.{layer}.{name}": value for name, value in parts.items()}, path)
+        with pytest.raises(CheckpointError, match=match):
+            import_kohya(model, path)
+    assert not getattr(model, "peft_config", None)
+    torch.testing.assert_close(_out(model, inputs), base, rtol=0, atol=0)

@@ -444,7 +444,10 @@ def comfyui_layers_of_file(
             continue
         entry = table[name]
         if entry.swap_halves:
-            parts = _swap_halves(parts, name)
+            try:
+                parts = _swap_halves(parts, name)
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: {exc}") from exc
         split = {entry.modules[0]: parts} if len(entry.modules) == 1 else _split_fused(entry, parts, denoiser, path)
         for module, tensors in split.items():
             by_component[denoiser_name][module] = tensors
