@@ -227,11 +227,12 @@ def test_sd_pipelines_export_kohya_names(tmp_path):
 
 
 def test_cli_exports_a_wan_set_from_its_pipeline_folder(tmp_path):
-    """``peft-hcp export --format comfyui --pretrained-model <Wan folder>`` loads the Wan pipeline the set was made on."""
+    """``peft-hcp export --format comfyui --pretrained-model <Wan folder>`` loads the Wan pipeline the set was made on;
+    ``peft-hcp import`` reads the file back onto it."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     from peft_hcp.cli import main
-    from peft_hcp.hub import save_adapter
+    from peft_hcp.hub import load_adapter, save_adapter
 
     pipe = WanPipeline(
         tokenizer=None, text_encoder=None, vae=None, transformer=tiny_wan(), scheduler=FlowMatchEulerDiscreteScheduler()
@@ -247,6 +248,11 @@ def test_cli_exports_a_wan_set_from_its_pipeline_folder(tmp_path):
     assert written.keys() == expected.keys() and "diffusion_model.blocks.1.cross_attn.q.lora_up.weight" in written
     assert all(torch.equal(written[k], expected[k]) for k in written)
     assert main(args) == 2  # the set does not fit the embedded SD pipeline: refused, by name
+    back = ["import", out, "--out", str(tmp_path / "back"), "--pretrained-model", str(tmp_path / "wan")]
+    assert main(back) == 0
+    fresh = tiny_wan()
+    load_adapter(fresh, str(tmp_path / "back" / "transformer"))
+    torch.testing.assert_close(_out(fresh, wan_inputs), _out(pipe.transformer, wan_inputs), rtol=1e-5, atol=1e-5)
 
 
 def test_cli_refuses_a_pipeline_folder_naming_code_elsewhere(tmp_path, capsys):
