@@ -4,7 +4,8 @@ ComfyUI patches its own model's weights: ``comfy/lora.py`` ``model_lora_keys_une
 ``diffusion_model.<key>`` of its model, and ``calculate_weight`` adds each file layer's ``ΔW`` to that weight (or
 to a row slice of it, for diffusers' modules ComfyUI holds fused). Which diffusers module is which weight of
 ComfyUI's model is the data below, transcribed from ComfyUI's ``comfy/utils.py`` (``flux_to_diffusers``,
-``mmdit_to_diffusers``; github.com/comfyanonymous/ComfyUI). Wan's names are checked with diffusers' own
+``mmdit_to_diffusers``; github.com/comfyanonymous/ComfyUI); SD3.5's ``x_block.attn2`` is the name ComfyUI's MMDiT-X
+model gives its second attention (``model_lora_keys_unet`` maps every ``diffusion_model.`` weight of it). Wan's names are checked with diffusers' own
 single-file converter instead (``convert_wan_transformer_to_diffusers``), Qwen-Image's are diffusers' names.
 ``ΔW`` is computed with ``calculate_weight``'s formulas for ``lora``, ``loha`` and ``lokr`` patches.
 """
@@ -106,6 +107,17 @@ def mmdit_targets(model: SD3Transformer2DModel) -> dict[str, Target]:
     targets: dict[str, Target] = {}
     qkv = ("x_block.attn.qkv", "context_block.attn.qkv")
     _joint_blocks(targets, depth, "joint_blocks", qkv, _MMDIT_BLOCK, hidden)
+    for i, block in enumerate(model.transformer_blocks):  # SD3.5's MMDiT-X: ComfyUI's model names it attn2
+        if block.attn2 is not None:
+            to = f"joint_blocks.{i}.x_block.attn2"
+            _fused(
+                targets,
+                f"transformer_blocks.{i}",
+                ["attn2.to_q", "attn2.to_k", "attn2.to_v"],
+                f"{to}.qkv",
+                [hidden] * 3,
+            )
+            targets[f"transformer_blocks.{i}.attn2.to_out.0"] = (f"{to}.proj", 0, None, False)
     targets.update({d: (c, 0, None, False) for d, c in _MMDIT_BASIC.items()})
     targets["norm_out.linear"] = ("final_layer.adaLN_modulation.1", 0, None, True)
     last = f"transformer_blocks.{depth - 1}.norm1_context.linear"

@@ -21,6 +21,7 @@ from tests.interchange_hosts import qwen_image_inputs, tiny_qwen_image, tiny_wan
 FAMILIES = {
     "flux": (tiny_flux, flux_inputs),
     "sd3": (tiny_sd3, sd3_inputs),
+    "sd35": (lambda: tiny_sd35(), sd3_inputs),
     "wan": (tiny_wan, wan_inputs),
     "wan_i2v": (lambda: tiny_wan(image_dim=8), lambda: wan_inputs(image_dim=8)),
     "qwen": (tiny_qwen_image, qwen_image_inputs),
@@ -28,6 +29,13 @@ FAMILIES = {
 #: diffusers' module names ComfyUI's layouts fuse (only a LoRA fuses) or store as (scale, shift)
 _FUSED = r"(attn2?\.(to_[qkv]|add_[qkv]_proj)|proj_mlp)$"
 _SWAPPED = r"(norm_out\.linear|transformer_blocks\.3\.norm1_context\.linear)$"
+
+
+def tiny_sd35() -> nn.Module:
+    """SD3.5's MMDiT-X: the tiny SD3 with a second attention (``attn2``) in its first two blocks."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel.from_config({**tiny_sd3().config, "dual_attention_layers": (0, 1)}).eval()
 
 
 def _layers(model: nn.Module, skip: str = "^$") -> list[str]:
@@ -56,7 +64,7 @@ def _adapted(family: str, config_cls=HcpLoraConfig, skip: str = "^$", **kwargs) 
 def _comfyui_targets(family: str, model: nn.Module, path: str) -> dict:
     if family == "flux":
         return flux_targets(model)
-    if family == "sd3":
+    if family.startswith("sd3"):
         return mmdit_targets(model)
     layers = sorted(file_layers(path))
     if family.startswith("wan"):
