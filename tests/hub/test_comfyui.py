@@ -376,3 +376,25 @@ def test_variants_fused_or_swapped_layers_cannot_hold_are_refused_on_import(tmp_
             import_kohya(model, path)
     assert not getattr(model, "peft_config", None)
     torch.testing.assert_close(_out(model, inputs), base, rtol=0, atol=0)
+
+
+def test_dense_fused_layers_from_other_trainers_import_as_comfyui_applies_them(tmp_path):
+    """sd-scripts and others train ``qkv`` / ``linear1`` as one dense LoRA: each part gets its rows, exactly."""
+    build, inputs = FAMILIES["flux"]
+    model = build()
+    hidden = model.inner_dim
+    gen = torch.Generator().manual_seed(5)
+    tensors = {}
+    for layer, rows in {"double_blocks.0.img_attn.qkv": 3 * hidden, "single_blocks.1.linear1": 7 * hidden}.items():
+        tensors[f"diffusion_model.{layer}.lora_down.weight"] = torch.randn(4, hidden, generator=gen)
+        tensors[f"diffusion_model.{layer}.lora_up.weight"] = torch.randn(rows, 4, generator=gen) * 0.3
+        tensors[f"diffusion_model.{layer}.alpha"] = torch.tensor(3.0)
+    path = str(tmp_path / "dense.safetensors")
+    save_file(tensors, path)
+    comfy = build()
+    apply_as_comfyui(comfy, path, flux_targets(comfy))
+    placed = import_kohya(model, path)
+    assert len(placed["transformer"]) == 7
+    expected = _out(comfy, inputs)
+    assert (_out(build(), inputs) - expected).abs().max() > 1e-2
+    torch.testing.assert_close(_out(model, inputs), expected, rtol=1e-5, atol=1e-5)
