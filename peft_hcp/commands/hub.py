@@ -1,18 +1,22 @@
 """``peft-hcp push | export | import``: the publishing functions of :mod:`peft_hcp.hub` on the command line.
 
 * ``push DIR REPO_ID`` uploads a saved adapter set (or PEFT adapter folder) with a model card.
-* ``export DIR --format kohya|diffusers --out PATH`` loads the set onto the base pipeline and writes its
-  LoRA/LoHa adapters as one kohya/webui file, or as a diffusers LoRA folder.
+* ``export DIR --format kohya|comfyui|diffusers --out PATH`` loads the set onto the base pipeline and writes its
+  low-rank adapters as one kohya/webui file, one file in the layout ComfyUI reads for the pipeline's family, or a
+  diffusers LoRA folder.
 * ``import FILE --out DIR`` reads a kohya/webui/LyCORIS file or an HCP-Diffusion LoRA plugin checkpoint onto the
   base pipeline and saves it as an adapter set (``--alpha-is-scale`` for HCP's webui exports).
 
-The base pipeline is ``--pretrained-model`` (a local diffusers folder), else the embedded tiny one.
+The base pipeline is ``--pretrained-model``, a local diffusers folder of the family the set was made on (Flux,
+SD3, Wan, Qwen-Image …, as its ``model_index.json`` says; components it lists as absent stay absent), else the
+embedded tiny one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def add_parser(subparsers) -> None:
@@ -28,10 +32,12 @@ def add_parser(subparsers) -> None:
     push.add_argument("--sample-image", default=None, help="sample grid to show in the card")
     push.set_defaults(func=_push)
 
-    export = subparsers.add_parser("export", help="write LoRA/LoHa adapters as a kohya file or diffusers LoRA")
+    export = subparsers.add_parser(
+        "export", help="write low-rank adapters as a kohya file, a ComfyUI file or a diffusers LoRA"
+    )
     export.add_argument("adapter", help="saved adapter set folder or Hub repo id")
-    export.add_argument("--format", choices=("kohya", "diffusers"), required=True)
-    export.add_argument("--out", required=True, help="kohya: a .safetensors file; diffusers: a folder")
+    export.add_argument("--format", choices=("kohya", "comfyui", "diffusers"), required=True)
+    export.add_argument("--out", required=True, help="kohya, comfyui: a .safetensors file; diffusers: a folder")
     export.add_argument("--pretrained-model", default=None)
     export.set_defaults(func=_export)
 
@@ -71,17 +77,42 @@ def _pipeline(pretrained_model):
     from peft_hcp.embedded.pipeline import load_pipeline
 
     register_bundled()
-    return load_pipeline(pretrained_model)
+    index = os.path.join(pretrained_model or "", "model_index.json")
+    if pretrained_model is None or not os.path.isfile(index):
+        return load_pipeline(pretrained_model)
+    with open(index, encoding="utf-8") as handle:
+        entries = json.load(handle)
+    if entries.get("_class_name") == "StableDiffusionPipeline":
+        return load_pipeline(pretrained_model)
+    return _diffusers_pipeline(pretrained_model, index, entries)
+
+
+def _diffusers_pipeline(folder: str, index: str, entries: dict):
+    """A pipeline of diffusers' own classes from a local folder; a ``model_index.json`` naming code elsewhere (a
+    custom pipeline, a component from another library) is refused before anything is imported."""
+    import diffusers
+
+    from peft_hcp.errors import CheckpointError
+
+    name = entries.get("_class_name")
+    if not (isinstance(name, str) and isinstance(getattr(diffusers, name, None), type)):
+        raise CheckpointError(f"{index}: _class_name {name!r} is not a diffusers pipeline.")
+    for component, value in entries.items():
+        library = value[0] if isinstance(value, list) and len(value) == 2 else "diffusers"
+        if not component.startswith("_") and library not in (None, "diffusers", "transformers"):
+            raise CheckpointError(f"{index}: {component} comes from {library!r}; only diffusers and transformers load.")
+    absent = {c: None for c, value in entries.items() if isinstance(value, list) and value[0] is None}
+    return diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True, **absent)
 
 
 def _export(args: argparse.Namespace) -> int:
     from peft_hcp.adapter_set import load_adapter
-    from peft_hcp.hub.interchange import export_diffusers, export_kohya
+    from peft_hcp.hub.interchange import export_comfyui, export_diffusers, export_kohya
 
     pipe = _pipeline(args.pretrained_model)
     load_adapter(pipe, args.adapter)
-    if args.format == "kohya":
-        export_kohya(pipe, args.out)
+    if args.format in ("kohya", "comfyui"):
+        (export_kohya if args.format == "kohya" else export_comfyui)(pipe, args.out)
         print(args.out)
     else:
         print(export_diffusers(pipe, args.out))

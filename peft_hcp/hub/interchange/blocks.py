@@ -1,16 +1,18 @@
-"""Finding the low-rank plugin blocks of a model, by host layer, for export."""
+"""The low-rank plugin blocks of a model by host layer, for export; the variant of a file's layers, for import."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Optional
 
+import torch
 from torch import nn
 
 from peft_hcp.base.unwrap import base_module, tuner_layers
+from peft_hcp.errors import CheckpointError
 from peft_hcp.selectors import selectable_modules
 from peft_hcp.single import SinglePluginLayer
-from peft_hcp.single.lowrank import LowRankBlock
+from peft_hcp.single.lowrank import LowRankBlock, lowrank_type_of
 
 
 def lowrank_blocks(
@@ -28,3 +30,21 @@ def lowrank_blocks(
 def host_layer(model: nn.Module, name: str) -> nn.Module:
     """The original layer called ``name``, looking through adapter wrappers."""
     return base_module(model.get_submodule(name))
+
+
+def file_variant(layers: dict[str, dict[str, torch.Tensor]], path: str, alpha_is_scale: bool) -> type[LowRankBlock]:
+    """The one low-rank variant of a file's ``{layer: tensors}``, refused by name when they mix variants.
+
+    ``alpha_is_scale``: the file's ``alpha`` is the layer's scale (HCP-Diffusion's webui export); it is made
+    kohya's ``alpha`` (scale × rank) in place.
+    """
+    kinds = {layer: lowrank_type_of(set(parts), layer, path) for layer, parts in layers.items()}
+    if len(set(kinds.values())) != 1:
+        found = sorted({cls.__name__ for cls in kinds.values()})
+        raise CheckpointError(f"{path} mixes low-rank variants {found}; import one variant per file.")
+    block_cls = next(iter(kinds.values()))
+    if alpha_is_scale:
+        for parts in layers.values():
+            if "alpha" in parts:
+                parts["alpha"] = parts["alpha"] * block_cls.kohya_rank(parts)
+    return block_cls

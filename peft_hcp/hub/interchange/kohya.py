@@ -34,7 +34,8 @@ from peft_hcp.base.names import check_adapter_name
 from peft_hcp.base.preflight import rehearse
 from peft_hcp.base.snapshot import all_or_nothing
 from peft_hcp.errors import CheckpointError, few
-from peft_hcp.hub.interchange.blocks import lowrank_blocks
+from peft_hcp.hub.interchange.blocks import file_variant, lowrank_blocks
+from peft_hcp.hub.interchange.comfyui import comfyui_layers_of_file, reads_comfyui_layout
 from peft_hcp.hub.interchange.names import kohya_name_table, kohya_prefixes
 from peft_hcp.hub.interchange.stock import (
     check_placement,
@@ -94,7 +95,8 @@ def import_kohya(
     """Load a kohya/webui/LyCORIS file into a pipeline or model as adapter ``adapter_name``.
 
     A LoRA file with no kohya layer names (``lora_…``) is read whole by diffusers' converter: diffusers'
-    own layout, ai-toolkit and the other layouts its ``lora_state_dict`` reads.
+    own layout, ai-toolkit and the other layouts its ``lora_state_dict`` reads. A file of ``diffusion_model.``
+    layers on a Flux, SD3, Wan or Qwen-Image model is ComfyUI's layout (:mod:`.comfyui`), any variant, alphas read.
 
     Layers are placed where diffusers' own loader places them (:mod:`.stock`): SD 1.x/2.x and SDXL names
     (SGM ``input_blocks`` included), ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` with or without
@@ -105,6 +107,9 @@ def import_kohya(
     state = read_safetensors(path)
     components = interchange_components(target)
     loader = loader_class(target, components)
+    if reads_comfyui_layout(state, components):  # diffusion_model.<original name> of a DiT, alphas included
+        placed = comfyui_layers_of_file(state, path, components, alpha_is_scale)
+        return install_layers(components, *placed, adapter_name, is_trainable, path)
     if state and not any(key.startswith(_KOHYA_STARTS) for key in state):
         return _import_diffusers_layout(state, path, loader, components, adapter_name, is_trainable)
     layers: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -118,15 +123,7 @@ def import_kohya(
         raise CheckpointError(
             f"{path}: {len(unknown)} layer(s) match no layer of this {'/'.join(components)}: {few(unknown)}."
         )
-    kinds = {layer: lowrank_type_of(set(parts), layer, path) for layer, parts in layers.items()}
-    if len(set(kinds.values())) != 1:
-        found = sorted({cls.__name__ for cls in kinds.values()})
-        raise CheckpointError(f"{path} mixes low-rank variants {found}; import one variant per file.")
-    block_cls = next(iter(kinds.values()))
-    if alpha_is_scale:
-        for parts in layers.values():
-            if "alpha" in parts:
-                parts["alpha"] = parts["alpha"] * block_cls.kohya_rank(parts)
+    block_cls = file_variant(layers, path, alpha_is_scale)
 
     fused = {layer: parts for layer, parts in layers.items() if len(places[layer]) != 1}
     if fused and not block_cls.matches_kohya({"lora_down.weight", "lora_up.weight"}):
