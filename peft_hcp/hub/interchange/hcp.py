@@ -94,8 +94,9 @@ def import_hcp(
             raise CheckpointError(f"{path}: {key!r} is not an HCP plugin key (<layer>{_SEPARATOR}<tensor>).")
         layers[layer][part] = value
     root = _root_of(list(layers), path, components, component)
-    places = {layer: _place(root + layer, components) for layer in layers}
-    unknown = sorted(root + layer for layer, place in places.items() if place is None)
+    found = {layer: _place(root + layer, components) for layer in layers}
+    places = {layer: place for layer, place in found.items() if place is not None}
+    unknown = sorted(root + layer for layer in layers if layer not in places)
     if unknown:
         raise CheckpointError(
             f"{path}: {len(unknown)} layer(s) match no layer of this {'/'.join(components)} (HCP prefixes "
