@@ -315,3 +315,22 @@ def test_sdxl_checkpoint_matches_hcpdiff(tmp_path):
     assert sorted(import_hcp(bare, str(tmp_path / "lora_TE-10.safetensors"))) == ["text_encoder", "text_encoder_2"]
     with torch.no_grad():
         torch.testing.assert_close(bare.text_encoder_2(tokens)[0], reference.text_encoder_2(tokens)[0])
+
+
+def test_cli_import_takes_the_component(tmp_path, capsys):
+    from peft_hcp.cli import main
+
+    state = _hcp_file(tmp_path / "lora.safetensors")
+    save_file(_unrooted(state, "denoiser."), str(tmp_path / "style.safetensors"))
+    assert (
+        main(["import", str(tmp_path / "style.safetensors"), "--out", str(tmp_path / "set"), "--component", "unet"])
+        == 0
+    )
+    pipe = tiny_pipeline()
+    load_adapter(pipe, str(tmp_path / "set"))
+    torch.testing.assert_close(_outputs(pipe)[0], _outputs(_peft_reference(state))[0], rtol=1e-5, atol=1e-5)
+
+    webui = tmp_path / "webui.safetensors"  # a kohya file for Wan 2.2's second transformer, on an SD pipeline
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(1, 4, 3, 3)}, str(webui))
+    assert main(["import", str(webui), "--out", str(tmp_path / "x"), "--component", "transformer_2"]) == 2
+    assert "has no transformer_2" in capsys.readouterr().err and not (tmp_path / "x").exists()
