@@ -13,6 +13,7 @@ Layout of a saved set (every leaf folder is a standard PEFT adapter folder)::
     <dir>/unet/adapter_model.safetensors
     <dir>/text_encoder/style/adapter_config.json   # a component holding several: one folder per name
     <dir>/text_encoder/detail/...
+    <dir>/pytorch_lora_weights.safetensors  # a set of plain LoRAs only: the same, for stock diffusers
 
 A leaf folder loads alone with ``PeftModel.from_pretrained(unet, dir, subfolder="unet")``. A bare
 model's set has the component ``""`` (files directly under ``<dir>``, or ``<dir>/<name>``).
