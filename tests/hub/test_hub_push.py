@@ -213,3 +213,29 @@ def test_a_set_stock_diffusers_cannot_load_says_so(tmp_path):
     text = str(render_card(str(tmp_path / "set"), peft_hcp.hub.read_set(str(tmp_path / "set")), "user/mixed"))
     assert "Stock diffusers cannot load this set" in text and "--format kohya" in text and "comfyui" in text
     assert "load_lora_weights(" not in text
+
+
+def test_an_sdxl_set_is_saved_for_stock_diffusers_too(tmp_path):
+    """Both SDXL text encoders and the UNet, ranks and alphas differing: stock ``load_lora_weights`` on the folder.
+
+    (diffusers reads a text encoder's LoRA only when it has an attention projection among its layers: an MLP-only
+    one is not written for it.)"""
+    from peft_hcp.hub import save_adapter
+    from tests.interchange_hosts import sdxl_latents, tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    attach(pipe.unet, HcpLoraConfig(target_modules=["re:.*attn2\\.to_[kv]$"], r=2, alpha=1.0, init_weights=False), "a")
+    attach(pipe.text_encoder, HcpLoraConfig(target_modules=["re:.*q_proj$"], r=2, init_weights=False), "te1")
+    te2 = HcpLoraConfig(target_modules=["re:.*(k_proj|fc1)$"], r=4, alpha=8.0, init_weights=False)
+    attach(pipe.text_encoder_2, te2, "te2")
+    save_adapter(pipe, str(tmp_path / "set"))
+    stock = tiny_sdxl_pipeline()
+    stock.load_lora_weights(str(tmp_path / "set"))
+    assert {c for c in ("unet", "text_encoder", "text_encoder_2") if getattr(stock, c).peft_config} == {
+        "unet",
+        "text_encoder",
+        "text_encoder_2",
+    }
+    want = sdxl_latents(pipe)
+    assert (want - sdxl_latents(tiny_sdxl_pipeline())).abs().max() > 1e-3
+    torch.testing.assert_close(sdxl_latents(stock), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
