@@ -54,7 +54,6 @@ from peft_hcp.base.fit import mismatch_error
 from peft_hcp.base.names import check_adapter_name, is_inside
 from peft_hcp.base.preflight import blamed_on, fit_header, rehearse
 from peft_hcp.base.sharding import is_main_process as main_process
-from peft_hcp.base.sharding import is_sharded
 from peft_hcp.base.snapshot import all_or_nothing
 from peft_hcp.errors import CheckpointError
 from peft_hcp.manifest import (
@@ -119,26 +118,24 @@ def save_adapter(
         manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "adapters": [e.__dict__ for e in entries]}
         with open(os.path.join(save_directory, MANIFEST_NAME), "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2)
-        _save_for_stock_diffusers(target, save_directory, adapter_names_)
+    _save_for_stock_diffusers(target, save_directory, adapter_names_, writes)  # every rank
     return entries
 
 
-def _save_for_stock_diffusers(target, save_directory: str, adapter_names_: Optional[list[str]]) -> None:
+def _save_for_stock_diffusers(
+    target, save_directory: str, adapter_names_: Optional[list[str]], is_main_process: bool
+) -> None:
     """Write the set also as diffusers' ``pytorch_lora_weights.safetensors`` when stock ``load_lora_weights`` can
     rebuild it (plain LoRAs on the denoiser and text encoders); otherwise remove one an earlier save left there, which
     would load other weights. peft-hcp never reads that file."""
     from peft_hcp.hub.interchange.diffusers_lora import save_diffusers_lora  # it builds on this module
 
-    # FSDP2: each process holds slices of the LoRA tensors; the set alone is written
-    if not any(is_sharded(p) for m in pipeline_components(target).values() for p in m.parameters()):
-        try:
-            save_diffusers_lora(target, save_directory, adapter_names_)
-            return
-        except (ValueError, CheckpointError):
-            pass
-    stale = os.path.join(save_directory, DIFFUSERS_LORA_NAME)
-    if os.path.isfile(stale):
-        os.remove(stale)
+    try:
+        save_diffusers_lora(target, save_directory, adapter_names_, is_main_process=is_main_process)
+    except (ValueError, CheckpointError):
+        stale = os.path.join(save_directory, DIFFUSERS_LORA_NAME)
+        if is_main_process and os.path.isfile(stale):
+            os.remove(stale)
 
 
 def _save_one(module: nn.Module, name: str, folder: str, writes: bool) -> None:

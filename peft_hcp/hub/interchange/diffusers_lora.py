@@ -28,6 +28,7 @@ from torch import nn
 from peft_hcp.adapter_set import DIFFUSERS_LORA_NAME
 from peft_hcp.adapter_set import adapter_names as adapter_names_on
 from peft_hcp.base.components import pipeline_components
+from peft_hcp.base.sharding import full_tensors
 from peft_hcp.hub.interchange.blocks import host_layer, lowrank_blocks
 from peft_hcp.hub.interchange.stock import (
     check_placement,
@@ -61,13 +62,18 @@ def export_diffusers(target, save_directory: str, adapter_names: Optional[list[s
     return path
 
 
-def save_diffusers_lora(target, save_directory: str, adapter_names: Optional[list[str]] = None) -> str:
+def save_diffusers_lora(
+    target, save_directory: str, adapter_names: Optional[list[str]] = None, *, is_main_process: bool = True
+) -> str:
     """Write the plain LoRA adapters of a pipeline or model as diffusers' ``save_lora_weights`` does, rank and alpha
     kept in its ``lora_adapter_metadata``; the adapters of a component become one diffusers adapter.
 
     ``ValueError`` (nothing written) where stock ``load_lora_weights`` could not rebuild them: an adapter that is
     not a plain LoRA (LoHa, DoRA, a LoRA bias), two adapters on one layer, a component the pipeline's
     ``save_lora_weights`` has no place for, layers it would place elsewhere.
+
+    On a model sharded with FSDP2 every rank calls it (the tensors are gathered whole) and only
+    ``is_main_process`` writes.
     """
     components = interchange_components(target)
     for component, module in zip(components, pipeline_components(target).values()):
@@ -81,7 +87,7 @@ def save_diffusers_lora(target, save_directory: str, adapter_names: Optional[lis
     metadata: dict[str, dict] = {}
     origin: dict[str, tuple[str, str]] = {}
     for component, name, block in _blocks(components, adapter_names):
-        tensors = block.kohya_tensors()
+        tensors = full_tensors(block.kohya_tensors())  # every rank, in the same order
         if set(tensors) != _LORA_TENSORS:
             raise ValueError(f"{component}.{name}: a {type(block).__name__} is no plain LoRA.")
         layers.setdefault(component, {})[f"{name}.lora_A.weight"] = tensors["lora_down.weight"].contiguous()
@@ -99,7 +105,8 @@ def save_diffusers_lora(target, save_directory: str, adapter_names: Optional[lis
             raise ValueError(f"diffusers' {loader.__name__}.save_lora_weights has no place for {component!r}.")
         kwargs[f"{component}_lora_layers"] = component_layers
         kwargs[f"{component}_lora_adapter_metadata"] = lora_adapter_metadata(metadata[component])
-    loader.save_lora_weights(save_directory, weight_name=LORA_WEIGHT_NAME, **kwargs)
+    if is_main_process:  # diffusers' writer leaves that to its caller
+        loader.save_lora_weights(save_directory, weight_name=LORA_WEIGHT_NAME, **kwargs)
     return os.path.join(save_directory, LORA_WEIGHT_NAME)
 
 
