@@ -334,3 +334,17 @@ def test_cli_import_takes_the_component(tmp_path, capsys):
     save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(1, 4, 3, 3)}, str(webui))
     assert main(["import", str(webui), "--out", str(tmp_path / "x"), "--component", "transformer_2"]) == 2
     assert "has no transformer_2" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_bare_checkpoint_whose_paths_fit_two_components_is_refused(tmp_path):
+    """Paths that name layers of the denoiser and of the text encoder alike: which one is meant, only the user knows."""
+    import types
+
+    from peft_hcp.embedded import tiny_unet
+
+    state = _hcp_file(tmp_path / "lora.safetensors")
+    save_file(_unrooted(state, "denoiser."), str(tmp_path / "style.safetensors"))
+    twins = types.SimpleNamespace(components={"unet": tiny_unet(), "text_encoder": tiny_unet()})
+    with pytest.raises(CheckpointError, match="the layers of several components.*pass component="):
+        import_hcp(twins, str(tmp_path / "style.safetensors"))
+    assert list(import_hcp(twins, str(tmp_path / "style.safetensors"), component="text_encoder")) == ["text_encoder"]
