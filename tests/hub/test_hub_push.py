@@ -239,3 +239,26 @@ def test_an_sdxl_set_is_saved_for_stock_diffusers_too(tmp_path):
     want = sdxl_latents(pipe)
     assert (want - sdxl_latents(tiny_sdxl_pipeline())).abs().max() > 1e-3
     torch.testing.assert_close(sdxl_latents(stock), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
+def test_peft_hcp_never_reads_the_diffusers_file_of_a_set(tmp_path):
+    """It is for stock diffusers: a broken one, or a link out of the set, changes nothing for ``load_adapter``."""
+    from peft_hcp.hub import save_adapter
+
+    pipe = _lora_only()
+    save_adapter(pipe, str(tmp_path / "set"))
+    inputs = {"sample": unet_inputs()[0], "timestep": unet_inputs()[1], "text": unet_inputs()[2]}
+    inputs["tokens"] = torch.randint(3, 1000, (2, 7))
+    want = _outputs(pipe, inputs)
+    diffusers_file = tmp_path / "set" / "pytorch_lora_weights.safetensors"
+    for broken in ("garbage", "link"):
+        diffusers_file.unlink()
+        if broken == "garbage":
+            diffusers_file.write_bytes(b"\xff" * 64)
+        else:
+            (tmp_path / "elsewhere.safetensors").write_bytes(b"")
+            diffusers_file.symlink_to(tmp_path / "elsewhere.safetensors")
+        loaded = tiny_pipeline()
+        load_adapter(loaded, str(tmp_path / "set"))
+        for component, value in _outputs(loaded, inputs).items():
+            torch.testing.assert_close(value, want[component], rtol=0, atol=0)
