@@ -13,6 +13,7 @@ Layout of a saved set (every leaf folder is a standard PEFT adapter folder)::
     <dir>/unet/adapter_model.safetensors
     <dir>/text_encoder/style/adapter_config.json   # a component holding several: one folder per name
     <dir>/text_encoder/detail/...
+    <dir>/pytorch_lora_weights.safetensors  # a set of plain LoRAs only: the same, for stock diffusers
 
 A leaf folder loads alone with ``PeftModel.from_pretrained(unet, dir, subfolder="unet")``. A bare
 model's set has the component ``""`` (files directly under ``<dir>``, or ``<dir>/<name>``).
@@ -67,6 +68,8 @@ from peft_hcp.manifest import (
 
 
 _PEFT_PREFIX = "base_model.model."
+#: the file stock diffusers' ``load_lora_weights`` reads from a folder, written beside a set it can load
+DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 
 
 def adapter_names(module: nn.Module) -> list[str]:
@@ -102,7 +105,7 @@ def save_adapter(
     if not planned:
         wanted = f" named {adapter_names_}" if adapter_names_ else ""
         raise ValueError(f"{type(target).__name__} carries no adapters{wanted} to save.")
-    files = [MANIFEST_NAME] + [
+    files = [MANIFEST_NAME, DIFFUSERS_LORA_NAME] + [
         os.path.join(entry.subfolder, name) for _, entry in planned for name in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
     ]
     outside = [f for f in files if not is_inside(save_directory, os.path.join(save_directory, f))]
@@ -115,7 +118,24 @@ def save_adapter(
         manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "adapters": [e.__dict__ for e in entries]}
         with open(os.path.join(save_directory, MANIFEST_NAME), "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2)
+    _save_for_stock_diffusers(target, save_directory, adapter_names_, writes)  # every rank
     return entries
+
+
+def _save_for_stock_diffusers(
+    target, save_directory: str, adapter_names_: Optional[list[str]], is_main_process: bool
+) -> None:
+    """Write the set also as diffusers' ``pytorch_lora_weights.safetensors`` when stock ``load_lora_weights`` can
+    rebuild it (plain LoRAs on the denoiser and text encoders); otherwise remove one an earlier save left there, which
+    would load other weights. peft-hcp never reads that file."""
+    from peft_hcp.hub.interchange.diffusers_lora import save_diffusers_lora  # it builds on this module
+
+    try:
+        save_diffusers_lora(target, save_directory, adapter_names_, is_main_process=is_main_process)
+    except (ValueError, CheckpointError):
+        stale = os.path.join(save_directory, DIFFUSERS_LORA_NAME)
+        if is_main_process and os.path.isfile(stale):
+            os.remove(stale)
 
 
 def _save_one(module: nn.Module, name: str, folder: str, writes: bool) -> None:
@@ -149,6 +169,7 @@ def resolve_source(
         cache_dir=cache_dir,
         local_files_only=local_files_only,
         allow_patterns=["*.json", "*.safetensors", "*.md"],
+        ignore_patterns=[DIFFUSERS_LORA_NAME],  # for stock diffusers; peft-hcp does not read it
     )
 
 

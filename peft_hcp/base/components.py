@@ -8,10 +8,11 @@ from typing import Any, Optional
 from torch import nn
 
 
-#: Pipeline components that may carry plugins, in the order they are saved.
-PLUGIN_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+#: Pipeline components that may carry plugins, in the order they are saved (Wan 2.2 has a second transformer,
+#: ``transformer_2``, for the low-noise steps).
+PLUGIN_COMPONENTS = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2")
 #: The components that denoise (the rest encode text).
-DENOISERS = ("unet", "transformer")
+DENOISERS = ("unet", "transformer", "transformer_2")
 
 
 def pipeline_components(target: Any, names: Optional[Sequence[str]] = PLUGIN_COMPONENTS) -> dict[str, nn.Module]:

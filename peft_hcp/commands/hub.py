@@ -5,7 +5,8 @@
   low-rank adapters as one kohya/webui file, one file in the layout ComfyUI reads for the pipeline's family, or a
   diffusers LoRA folder.
 * ``import FILE --out DIR`` reads a kohya/webui/LyCORIS file or an HCP-Diffusion LoRA plugin checkpoint onto the
-  base pipeline and saves it as an adapter set (``--alpha-is-scale`` for HCP's webui exports).
+  base pipeline and saves it as an adapter set (``--alpha-is-scale`` for HCP's webui exports; ``--component
+  transformer_2`` for Wan 2.2's second transformer, or the component of an HCP checkpoint of one bare model).
 
 The base pipeline is ``--pretrained-model``, a local diffusers folder of the family the set was made on (Flux,
 SD3, Wan, Qwen-Image …, as its ``model_index.json`` says; components it lists as absent stay absent), else the
@@ -47,6 +48,12 @@ def add_parser(subparsers) -> None:
         "--alpha-is-scale",
         action="store_true",
         help="the file's alpha is the layer's scale, not alpha/rank (HCP-Diffusion's webui export)",
+    )
+    imp.add_argument(
+        "--component",
+        default=None,
+        help="transformer_2: put the file on Wan 2.2's second transformer (diffusers' load_into_transformer_2); "
+        "for an HCP checkpoint without denoiser./TE. roots, the component it is for (unet, text_encoder ...)",
     )
     imp.add_argument("--out", required=True, help="folder for the adapter set")
     imp.add_argument("--adapter-name", default="default")
@@ -127,9 +134,15 @@ def _import(args: argparse.Namespace) -> int:
 
     pipe = _pipeline(args.pretrained_model)
     if is_hcp_checkpoint(read_safetensors(args.file)):
-        import_hcp(pipe, args.file, adapter_name=args.adapter_name)
+        import_hcp(pipe, args.file, adapter_name=args.adapter_name, component=args.component)
     else:
-        import_kohya(pipe, args.file, adapter_name=args.adapter_name, alpha_is_scale=args.alpha_is_scale)
+        import_kohya(
+            pipe,
+            args.file,
+            adapter_name=args.adapter_name,
+            alpha_is_scale=args.alpha_is_scale,
+            component=args.component,
+        )
     save_adapter(pipe, args.out, [args.adapter_name])
     print(args.out)
     return 0

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from peft_hcp.adapter_set import SetEntry
+from peft_hcp.adapter_set import DIFFUSERS_LORA_NAME, SetEntry
 from peft_hcp.base.components import DENOISERS
 
 
@@ -57,6 +57,7 @@ def render_card(
         sample_image=sample_image,
         repo_id=repo_id,
         single_folder=single,
+        stock_diffusers=os.path.isfile(os.path.join(folder, DIFFUSERS_LORA_NAME)),
     )
 
 

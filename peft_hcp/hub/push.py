@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 
 from huggingface_hub import CommitInfo, HfApi
 
-from peft_hcp.adapter_set import MANIFEST_NAME, read_set, save_adapter
+from peft_hcp.adapter_set import DIFFUSERS_LORA_NAME, MANIFEST_NAME, read_set, save_adapter
 from peft_hcp.hub.card import render_card
 
 
@@ -42,7 +42,8 @@ def push_folder(
     card is written into ``folder`` as ``README.md`` (as PEFT's ``save_pretrained`` does) from ``card``
     (``base_model``, ``license``, ``training``, ``tags``, ``title``, ``description``: see
     :func:`~peft_hcp.hub.card.render_card`); ``sample_image`` (a sample grid) is copied in as
-    ``samples.png`` and shown in it. Only the set's own files are uploaded.
+    ``samples.png`` and shown in it. Only the set's own files are uploaded, with the diffusers LoRA file
+    :func:`~peft_hcp.adapter_set.save_adapter` writes beside a set stock ``load_lora_weights`` can load.
     """
     entries = read_set(folder)
     if sample_image is not None:
@@ -51,6 +52,8 @@ def push_folder(
         os.path.join(folder, CARD_NAME)
     )
     files = [MANIFEST_NAME, CARD_NAME] + ([SAMPLE_IMAGE] if sample_image else [])
+    if os.path.isfile(os.path.join(folder, DIFFUSERS_LORA_NAME)):  # for stock diffusers' load_lora_weights
+        files.append(DIFFUSERS_LORA_NAME)
     for entry in entries:
         files += [f"{entry.subfolder}/adapter_config.json", f"{entry.subfolder}/adapter_model.safetensors"]
     api = HfApi(endpoint=endpoint, token=token)

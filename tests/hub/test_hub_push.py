@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -10,6 +11,8 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from peft import PeftModel, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import peft_hcp
 from peft_hcp import HcpLohaConfig, HcpLoraConfig
@@ -131,3 +134,131 @@ def test_revision_is_passed_through(loopback_hub, tmp_path):
     load_adapter(old, "user/revs", revision=first)
     torch.testing.assert_close(unet_out(old, batch), want, rtol=0, atol=0)
     assert peft_hcp.push_adapter is push_adapter
+
+
+def _lora_only():
+    """LoRAs of two ranks and alphas on the UNet (two adapters), one on the text encoder: what stock diffusers holds."""
+    pipe = tiny_pipeline()
+    attach(pipe.unet, HcpLoraConfig(target_modules=["re:.*attn.?$"], r=2, alpha=3.0, init_weights=False), "style")
+    attach(
+        pipe.unet, HcpLoraConfig(target_modules=["re:.*ff\\.net\\.2$"], r=4, alpha=1.0, init_weights=False), "detail"
+    )
+    attach(pipe.text_encoder, HcpLoraConfig(target_modules=["re:.*self_attn$"], r=2, init_weights=False), "te")
+    return pipe
+
+
+def _outputs(pipe, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {
+            "unet": pipe.unet(inputs["sample"], inputs["timestep"], inputs["text"]).sample,
+            "text_encoder": pipe.text_encoder(inputs["tokens"]).last_hidden_state,
+        }
+
+
+def test_stock_diffusers_loads_a_pushed_lora_set_without_peft_hcp(loopback_hub, tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path / "base")
+    pipe = _lora_only()
+    sample, timestep, text = unet_inputs()
+    inputs = {"sample": sample, "timestep": timestep, "text": text, "tokens": torch.randint(3, 1000, (2, 7))}
+    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+    want = _outputs(pipe, inputs)
+    assert (want["unet"] - _outputs(tiny_pipeline(), inputs)["unet"]).abs().max() > 1e-3
+    push_adapter(pipe, "user/lora-set", base_model="user/tiny-sd")
+    files = loopback_hub.repos["user/lora-set"]
+    assert "pytorch_lora_weights.safetensors" in files
+    (tmp_path / "pushed.safetensors").write_bytes(files["pytorch_lora_weights.safetensors"])
+    with safe_open(str(tmp_path / "pushed.safetensors"), "pt") as handle:
+        metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert metadata["unet.r"] == 2 and metadata["unet.lora_alpha"] == 3.0 and metadata["text_encoder.r"] == 2
+    assert set(metadata["unet.rank_pattern"].values()) == {4} and set(metadata["unet.alpha_pattern"].values()) == {1.0}
+    card = files["README.md"].decode()
+    assert 'pipe.load_lora_weights("user/lora-set")' in card and 'peft_hcp.load_adapter(pipe, "user/lora-set")' in card
+
+    run_python(
+        """
+        from diffusers import StableDiffusionPipeline
+        from safetensors.torch import load_file, save_file
+        pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1] + '/base')
+        pipe.load_lora_weights('user/lora-set')
+        inputs = load_file(sys.argv[1] + '/inputs.safetensors')
+        with torch.no_grad():
+            got = {
+                'unet': pipe.unet(inputs['sample'], inputs['timestep'], inputs['text']).sample,
+                'text_encoder': pipe.text_encoder(inputs['tokens']).last_hidden_state,
+            }
+        assert not any(name.startswith('peft_hcp') for name in sys.modules), 'peft_hcp was imported'
+        save_file(got, sys.argv[1] + '/got.safetensors')
+        """,
+        str(tmp_path),
+        env=dict(os.environ),
+    )
+    got = load_file(str(tmp_path / "got.safetensors"))
+    for component in ("unet", "text_encoder"):
+        torch.testing.assert_close(got[component], want[component], rtol=1e-5, atol=1e-5)
+
+    loaded = tiny_pipeline()  # peft-hcp reads its own set, not the extra file
+    load_adapter(loaded, "user/lora-set")
+    for component, value in _outputs(loaded, inputs).items():
+        torch.testing.assert_close(value, want[component], rtol=0, atol=0)
+
+
+def test_a_set_stock_diffusers_cannot_load_says_so(tmp_path):
+    from peft_hcp.hub import save_adapter
+    from peft_hcp.hub.card import render_card
+
+    save_adapter(_lora_only(), str(tmp_path / "set"))
+    assert (tmp_path / "set" / "pytorch_lora_weights.safetensors").is_file()
+    save_adapter(_adapted(), str(tmp_path / "set"))  # a LoHa among them: the earlier diffusers file goes
+    assert not (tmp_path / "set" / "pytorch_lora_weights.safetensors").exists()
+    text = str(render_card(str(tmp_path / "set"), peft_hcp.hub.read_set(str(tmp_path / "set")), "user/mixed"))
+    assert "Stock diffusers cannot load this set" in text and "--format kohya" in text and "comfyui" in text
+    assert "load_lora_weights(" not in text
+
+
+def test_an_sdxl_set_is_saved_for_stock_diffusers_too(tmp_path):
+    """Both SDXL text encoders and the UNet, ranks and alphas differing: stock ``load_lora_weights`` on the folder.
+
+    (diffusers reads a text encoder's LoRA only when it has an attention projection among its layers: an MLP-only
+    one is not written for it.)"""
+    from peft_hcp.hub import save_adapter
+    from tests.interchange_hosts import sdxl_latents, tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    attach(pipe.unet, HcpLoraConfig(target_modules=["re:.*attn2\\.to_[kv]$"], r=2, alpha=1.0, init_weights=False), "a")
+    attach(pipe.text_encoder, HcpLoraConfig(target_modules=["re:.*q_proj$"], r=2, init_weights=False), "te1")
+    te2 = HcpLoraConfig(target_modules=["re:.*(k_proj|fc1)$"], r=4, alpha=8.0, init_weights=False)
+    attach(pipe.text_encoder_2, te2, "te2")
+    save_adapter(pipe, str(tmp_path / "set"))
+    stock = tiny_sdxl_pipeline()
+    stock.load_lora_weights(str(tmp_path / "set"))
+    assert {c for c in ("unet", "text_encoder", "text_encoder_2") if getattr(stock, c).peft_config} == {
+        "unet",
+        "text_encoder",
+        "text_encoder_2",
+    }
+    want = sdxl_latents(pipe)
+    assert (want - sdxl_latents(tiny_sdxl_pipeline())).abs().max() > 1e-3
+    torch.testing.assert_close(sdxl_latents(stock), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
+def test_peft_hcp_never_reads_the_diffusers_file_of_a_set(tmp_path):
+    """It is for stock diffusers: a broken one, or a link out of the set, changes nothing for ``load_adapter``."""
+    from peft_hcp.hub import save_adapter
+
+    pipe = _lora_only()
+    save_adapter(pipe, str(tmp_path / "set"))
+    inputs = {"sample": unet_inputs()[0], "timestep": unet_inputs()[1], "text": unet_inputs()[2]}
+    inputs["tokens"] = torch.randint(3, 1000, (2, 7))
+    want = _outputs(pipe, inputs)
+    diffusers_file = tmp_path / "set" / "pytorch_lora_weights.safetensors"
+    for broken in ("garbage", "link"):
+        diffusers_file.unlink()
+        if broken == "garbage":
+            diffusers_file.write_bytes(b"\xff" * 64)
+        else:
+            (tmp_path / "elsewhere.safetensors").write_bytes(b"")
+            diffusers_file.symlink_to(tmp_path / "elsewhere.safetensors")
+        loaded = tiny_pipeline()
+        load_adapter(loaded, str(tmp_path / "set"))
+        for component, value in _outputs(loaded, inputs).items():
+            torch.testing.assert_close(value, want[component], rtol=0, atol=0)

@@ -90,7 +90,12 @@ def export_kohya(target, path: str, adapter_names: Optional[list[str]] = None) -
 
 
 def import_kohya(
-    target, path: str, adapter_name: str = "default", is_trainable: bool = False, alpha_is_scale: bool = False
+    target,
+    path: str,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    alpha_is_scale: bool = False,
+    component: Optional[str] = None,
 ) -> dict[str, list[str]]:
     """Load a kohya/webui/LyCORIS file into a pipeline or model as adapter ``adapter_name``.
 
@@ -103,10 +108,29 @@ def import_kohya(
     ``text_model_``. ``alpha_is_scale``: the file's ``alpha`` is the layer's scale itself, not
     ``alpha / rank`` (HCP-Diffusion's webui export). Returns ``{component: [adapted module names]}``. A
     file mixing variants (LoRA on some layers, LoHa on others) is refused: import one variant per file.
+
+    ``component="transformer_2"`` puts a transformer's file on Wan 2.2's second transformer, as diffusers'
+    ``load_lora_weights(file, load_into_transformer_2=True)`` does.
     """
-    state = read_safetensors(path)
+    if component not in (None, "transformer_2"):
+        raise ValueError(f"component={component!r}: only 'transformer_2' (Wan 2.2) is chosen by hand.")
     components = interchange_components(target)
     loader = loader_class(target, components)
+    if component is None:
+        return _import_kohya(path, loader, components, adapter_name, is_trainable, alpha_is_scale)
+    into = {"transformer": _second_transformer(target, components)}
+    return {component: _import_kohya(path, loader, into, adapter_name, is_trainable, alpha_is_scale)["transformer"]}
+
+
+def _import_kohya(
+    path: str,
+    loader: type,
+    components: dict[str, nn.Module],
+    adapter_name: str,
+    is_trainable: bool,
+    alpha_is_scale: bool,
+) -> dict[str, list[str]]:
+    state = read_safetensors(path)
     if reads_comfyui_layout(state, components):  # diffusion_model.<original name> of a DiT, alphas included
         placed = comfyui_layers_of_file(state, path, components, alpha_is_scale)
         return install_layers(components, *placed, adapter_name, is_trainable, path)
@@ -144,6 +168,15 @@ def import_kohya(
             by_component[component][name] = parts
             labels[name] = f"a split fused layer ({name})"
     return install_layers(components, by_component, labels, block_cls, adapter_name, is_trainable, path)
+
+
+def _second_transformer(target, components: dict[str, nn.Module]) -> nn.Module:
+    """Wan 2.2's ``transformer_2``, which files name as ``transformer`` (diffusers' ``load_into_transformer_2``)."""
+    if "transformer_2" not in components:
+        raise ValueError(
+            f"{type(target).__name__} has no transformer_2 (Wan 2.2's pipelines have one, Wan 2.1's do not)."
+        )
+    return components["transformer_2"]
 
 
 def _import_diffusers_layout(
