@@ -6,19 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from safetensors.torch import save_file
 
 from peft_hcp import HcpLoraConfig
 from peft_hcp.hub import attach, load_adapter, save_adapter
 from peft_hcp.hub.interchange import import_kohya
-
-
-def _tiny_wan(seed: int) -> WanTransformer3DModel:
-    torch.manual_seed(seed)
-    config = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4)
-    config.update(text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32)
-    return WanTransformer3DModel(**config, qk_norm="rms_norm_across_heads").eval()
+from tests.interchange_hosts import tiny_wan, wan_inputs
 
 
 def tiny_wan22_pipeline() -> WanPipeline:
@@ -29,19 +23,14 @@ def tiny_wan22_pipeline() -> WanPipeline:
         text_encoder=None,
         vae=None,
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        transformer=_tiny_wan(0),
-        transformer_2=_tiny_wan(1),
+        transformer=tiny_wan(0),
+        transformer_2=tiny_wan(1),
         boundary_ratio=0.875,
     )
 
 
 def _outputs(pipe: WanPipeline) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    inputs = {
-        "hidden_states": torch.randn(2, 4, 2, 8, 8, generator=g),
-        "encoder_hidden_states": torch.randn(2, 7, 16, generator=g),
-        "timestep": torch.tensor([10, 500]),
-    }
+    inputs = wan_inputs()
     with torch.no_grad():
         return pipe.transformer(**inputs).sample, pipe.transformer_2(**inputs).sample
 
@@ -86,7 +75,7 @@ def test_a_file_goes_into_transformer_2_as_diffusers_puts_it(tmp_path):
 
 def test_component_transformer_2_is_refused_where_there_is_none(tmp_path):
     _wan_lora_file(tmp_path / "wan.safetensors")
-    wan21 = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=_tiny_wan(0))
+    wan21 = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=tiny_wan(0))
     with pytest.raises(ValueError, match="has no transformer_2"):
         import_kohya(wan21, str(tmp_path / "wan.safetensors"), component="transformer_2")
     with pytest.raises(ValueError, match="only 'transformer_2'"):
