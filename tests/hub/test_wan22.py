@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from peft_hcp import HcpLoraConfig
 from peft_hcp.hub import attach, load_adapter, save_adapter
-from peft_hcp.hub.interchange import import_kohya
+from peft_hcp.hub.interchange import export_kohya, import_kohya
 from tests.interchange_hosts import tiny_wan, wan_inputs
 
 
@@ -100,3 +100,13 @@ def test_adapter_sets_keep_both_transformers(tmp_path):
         torch.testing.assert_close(ours, ref, rtol=0, atol=0)
     # diffusers loads one transformer per file: this set is for peft-hcp only
     assert not (tmp_path / "set" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_export_kohya_points_transformer_2_to_the_comfyui_export(tmp_path):
+    pipe = tiny_wan22_pipeline()
+    attach(pipe.transformer_2, HcpLoraConfig(target_modules=["re:.*attn2\\.to_v$"], r=4, init_weights=False), "low")
+    before = {k: v.clone() for k, v in pipe.transformer_2.state_dict().items()}
+    with pytest.raises(ValueError, match=r"export_comfyui\(pipe, path, component='transformer_2'\)"):
+        export_kohya(pipe, str(tmp_path / "wan.safetensors"))
+    assert not (tmp_path / "wan.safetensors").exists()
+    assert all(torch.equal(before[k], v) for k, v in pipe.transformer_2.state_dict().items())

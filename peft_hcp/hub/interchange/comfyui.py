@@ -421,11 +421,10 @@ def comfyui_layers_of_file(
         layers[layer][_DIFFUSERS_FACTORS.get(part, part)] = value
     table = {PREFIX + layer.name: layer for layer in comfyui_layers(denoiser, family)}
     encoders = _text_encoders(components)
-    prefixes = kohya_prefixes(encoders)
     text_names = {
         layer: (component, name)
-        for component, model in encoders.items()
-        for layer, name in kohya_name_table(model, prefixes[component]).items()
+        for component, prefix in kohya_prefixes(encoders).items()
+        for layer, name in kohya_name_table(encoders[component], prefix).items()
     }
     unknown = sorted(layer for layer in layers if layer not in table and layer not in text_names)
     if unknown:

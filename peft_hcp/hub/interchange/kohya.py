@@ -63,6 +63,13 @@ def export_kohya(target, path: str, adapter_names: Optional[list[str]] = None) -
     origin: dict[str, tuple[str, str]] = {}
     owner: dict[str, str] = {}
     for component, module in components.items():
+        if component not in prefixes:  # Wan 2.2's transformer_2: kohya has no name for a second denoiser
+            if any(True for _ in lowrank_blocks(module, adapter_names)):
+                raise ValueError(
+                    f"A kohya file has no names for {component!r}; export its adapters with "
+                    f"export_comfyui(pipe, path, component={component!r})."
+                )
+            continue
         layer_of = {name: layer for layer, name in kohya_name_table(module, prefixes[component]).items()}
         for name, adapter, block in lowrank_blocks(module, adapter_names):
             layer = layer_of[name]

@@ -26,11 +26,11 @@ _CLIP_TEXT_ROOTS = ("embeddings", "encoder", "final_layer_norm")
 
 
 def kohya_prefixes(components: dict[str, nn.Module]) -> dict[str, str]:
-    """kohya's prefix for each component (named as diffusers names them)."""
+    """kohya's prefix for each component (named as diffusers names them) that kohya names; others are left out."""
     table = dict(KOHYA_PREFIXES)
     if "text_encoder_2" in components:
         table.update(SDXL_TEXT_PREFIXES)
-    return {name: table[name] for name in components}
+    return {name: table[name] for name in components if name in table}
 
 
 def kohya_name(prefix: str, module_name: str) -> str:
