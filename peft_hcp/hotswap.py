@@ -191,7 +191,8 @@ def _plan(root: nn.Module, adapter_name: str, config: Any, state_dict: dict[str,
             )
             targets[key if key.startswith(_PEFT_PREFIX) else _PEFT_PREFIX + key] = (holder, param_name, tensor)
         if isinstance(holder, LowRankBlock):
-            swap.scales.append((holder, holder.scale_for(config, layer.get_base_layer())))
+            layer_config = config.for_layer(name.removeprefix(_PEFT_PREFIX))
+            swap.scales.append((holder, holder.scale_for(layer_config, layer.get_base_layer())))
     incoming = {key if key.startswith(_PEFT_PREFIX) else _PEFT_PREFIX + key: v for key, v in state_dict.items()}
     missing, unexpected = sorted(set(targets) - set(incoming)), sorted(set(incoming) - set(targets))
     if missing or unexpected:
