@@ -126,7 +126,7 @@ class LokrBlock(LowRankBlock):
     @classmethod
     def layer_fields_from_kohya(cls, tensors: dict[str, torch.Tensor], host: nn.Module) -> dict[str, Any]:
         """The fields that rebuild one file layer's structure on ``host``: two full factors are LyCORIS's
-        ``full_matrix`` (scale 1, any rank); otherwise its rank and alpha, ``decompose_both`` where ``w1`` is
+        ``full_matrix`` (scale 1, at any rank: the rank LyCORIS writes as its alpha); otherwise its rank and alpha, ``decompose_both`` where ``w1`` is
         decomposed (or too large to stay full with it), ``use_effective_conv2d`` where a decomposed ``w2``
         on a convolution of kernel > 1 has a CP core or not. ``decompose_factor`` is ``-1`` where the default
         factorization gives the file's ``w1`` shape, else the factor LyCORIS records implicitly: ``w1``'s
@@ -135,16 +135,16 @@ class LokrBlock(LowRankBlock):
         w1_shape = _w1_shape(tensors)
         default = (factorization(out_features, -1)[0], factorization(in_features, -1)[0]) == w1_shape
         fields: dict[str, Any] = {"decompose_factor": -1 if default else max(w1_shape)}
-        if not _is_decomposed(tensors):
-            return {**fields, "full_matrix": True}
+        alpha = float(tensors["alpha"]) if "alpha" in tensors else 0.0
+        if not _is_decomposed(tensors):  # its alpha, which LyCORIS writes as the layer's rank, is kept as r
+            return {**fields, "full_matrix": True, "r": int(alpha) if alpha >= 1 and alpha.is_integer() else None}
         rank = cls.kohya_rank(tensors)
-        alpha = float(tensors["alpha"]) if "alpha" in tensors else 0.0  # LyCORIS: a missing or zero alpha is rank
         conv_kernel = any(k != 1 for k in host.weight.shape[2:])
         return {
             **fields,
             "full_matrix": False,
             "r": rank,
-            "alpha": alpha or float(rank),
+            "alpha": alpha or float(rank),  # LyCORIS: a missing or zero alpha is the rank
             "decompose_both": True if "lokr_w1_a" in tensors else (None if rank >= max(w1_shape) / 2 else False),
             "use_effective_conv2d": "lokr_t2" in tensors if "lokr_w2_a" in tensors and conv_kernel else None,
         }
