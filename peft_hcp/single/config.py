@@ -45,11 +45,6 @@ class HcpSingleConfig(HcpConfig):
         for name in ("target_modules", "exclude_modules"):  # one string stays PEFT's regex form
             self._selector_list(name, one_string_is_list=False)
 
-    def for_layer(self, name: str) -> HcpSingleConfig:
-        """The config the layer called ``name`` is built with: this one, unless per-layer patterns change it
-        (the low-rank configs' ``rank_pattern`` …, see :class:`~peft_hcp.single.lowrank.LowRankConfig`)."""
-        return self
-
     def _check_selector(self, field_name: str, selector) -> None:
         if selector.prehook:
             raise ValueError(f"Selector {selector.text!r}: {self.prehook_refusal}")

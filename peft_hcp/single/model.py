@@ -109,22 +109,6 @@ class HcpSingleModel(HcpTuner):
         self._hosts = set(hosts)
         cast(HcpSingleConfig, peft_config).target_modules = hosts  # the working copy: what PEFT's bookkeeping sees
 
-    def _create_and_replace(
-        self,
-        peft_config: PeftConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        parameter_name: Optional[str] = None,
-    ) -> None:
-        """Build the layer's block from its own config (per-layer patterns applied, as PEFT's LoRA does)."""
-        layer_config = cast(HcpSingleConfig, peft_config).for_layer(current_key)
-        super()._create_and_replace(
-            layer_config, adapter_name, target, target_name, parent, current_key, parameter_name
-        )
-
     def _check_target_module_exists(self, peft_config: PeftConfig, key: str) -> bool:  # type: ignore[override]
         return key in self._hosts
 
