@@ -134,6 +134,16 @@ class LowRankConfig(HcpSingleConfig):
                 changes.update(self._pattern_changes(targets, patterns[key]))
         return self._with(changes) if changes else self
 
+    def set_rank(self, rank: int, scales: dict[str, float]) -> None:
+        """Give every layer rank ``rank`` and the alpha that keeps its scale (``scales``: ``{layer name: scale}``,
+        the blocks' own), as alphas per layer name where they differ (a compiled hot-swap's padded blocks)."""
+        per_layer = {
+            name: {"alpha": scale * rank if self.alpha_auto_scale else scale} for name, scale in scales.items()
+        }
+        fields = self.fields_with_patterns(per_layer)
+        self.r, self.rank_pattern = rank, {}
+        self.alpha, self.alpha_pattern = fields["alpha"], fields.get("alpha_pattern", {})
+
     @staticmethod
     def _pattern_changes(targets: tuple[str, ...], value: Any) -> dict[str, Any]:
         if len(targets) == 1:

@@ -9,14 +9,23 @@ import pytest
 import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
 
-from peft_hcp import HcpLohaConfig, HcpLokrConfig, HcpLoraConfig, load_adapter, save_adapter
+from peft_hcp import (
+    HcpLohaConfig,
+    HcpLokrConfig,
+    HcpLoraConfig,
+    hotswap_adapter,
+    load_adapter,
+    prepare_model_for_compiled_hotswap,
+    save_adapter,
+)
 from peft_hcp.embedded import tiny_unet
 from peft_hcp.hub import attach
 from tests.helpers import unet_out
 
 
 TARGETS = ["re:.*attn.?$", "re:.*ff$", "re:.*resnets\\.\\d+\\.conv\\d$", "re:.*conv_shortcut$"]
-# a suffix, a regex anchored at the root, and a full name: PEFT's three forms of keys
+# a suffix, a regex anchored at the root, and a full name: PEFT's three forms of keys (the keys of one pattern
+# match disjoint layers: PEFT saves a config with its keys sorted, and the first key that matches wins)
 RANKS = {"to_q": 6, "^down_blocks\\.1\\..*conv\\d": 3, "mid_block.resnets.0.conv1": 1}
 ALPHAS = {"to_v": 5.0, "^up_blocks\\.1\\.resnets\\..*": 0.5}
 
@@ -103,6 +112,29 @@ def test_patterns_survive_save_and_load(unet, unet_batch, tmp_path):
     load_adapter(fresh, str(tmp_path / "set"))
     assert fresh.peft_config["a"].rank_pattern == RANKS
     torch.testing.assert_close(unet_out(fresh, unet_batch), expected, atol=0, rtol=0)
+
+
+def test_compiled_hotswap_keeps_each_layers_scale(unet, unet_batch, tmp_path):
+    """Padding every block to one rank rewrites the patterns as alphas per layer name: the output, a save and load
+    of the padded model, and a swap back of the original adapter (scales from its patterns) are all unchanged."""
+    config = HcpLoraConfig(target_modules=TARGETS, init_weights=False, rank_pattern=RANKS, alpha_pattern=ALPHAS)
+    model = get_peft_model(unet, config)
+    model.save_pretrained(str(tmp_path / "original"))
+    out = unet_out(model, unet_batch)
+    prepare_model_for_compiled_hotswap(model, target_rank=8, config=model.peft_config)
+    prepared = model.peft_config["default"]
+    assert (prepared.r, prepared.rank_pattern) == (8, {}) and prepared.alpha_pattern
+    padded = unet_out(model, unet_batch)
+    torch.testing.assert_close(padded, out, atol=1e-5, rtol=0)  # zero padding: rounding only
+    model.save_pretrained(str(tmp_path / "padded"))
+    reloaded = PeftModel.from_pretrained(tiny_unet(), str(tmp_path / "padded"))
+    torch.testing.assert_close(unet_out(reloaded, unet_batch), padded, atol=0, rtol=0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.zero_()
+    hotswap_adapter(model, str(tmp_path / "original"), "default")
+    torch.testing.assert_close(unet_out(model, unet_batch), padded, atol=0, rtol=0)
 
 
 def test_structure_pattern_builds_each_layer_as_its_own_config(unet):
