@@ -125,12 +125,14 @@ class LokrBlock(LowRankBlock):
 
     @classmethod
     def layer_fields_from_kohya(cls, tensors: dict[str, torch.Tensor], host: nn.Module) -> dict[str, Any]:
-        """The fields that rebuild one file layer's structure on ``host``: two full factors are LyCORIS's
-        ``full_matrix`` (scale 1, at any rank: the rank LyCORIS writes as its alpha); otherwise its rank and alpha, ``decompose_both`` where ``w1`` is
-        decomposed (or too large to stay full with it), ``use_effective_conv2d`` where a decomposed ``w2``
-        on a convolution of kernel > 1 has a CP core or not. ``decompose_factor`` is ``-1`` where the default
-        factorization gives the file's ``w1`` shape, else the factor LyCORIS records implicitly: ``w1``'s
-        larger side."""
+        """The fields that rebuild one file layer's structure on ``host``.
+
+        Two full factors are LyCORIS's ``full_matrix`` (scale 1, at any rank: the rank LyCORIS writes as its
+        alpha). Otherwise: its rank and alpha, ``decompose_both`` where ``w1`` is decomposed (or too large to
+        stay full with it), ``use_effective_conv2d`` where a decomposed ``w2`` on a convolution of kernel > 1
+        has a CP core or not. ``decompose_factor`` is ``-1`` where the default factorization gives the file's
+        ``w1`` shape, else the factor LyCORIS records implicitly: ``w1``'s larger side.
+        """
         in_features, out_features = host_shape(host)
         w1_shape = _w1_shape(tensors)
         default = (factorization(out_features, -1)[0], factorization(in_features, -1)[0]) == w1_shape

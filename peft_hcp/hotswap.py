@@ -94,8 +94,9 @@ def prepare_model_for_compiled_hotswap(
     hot-swapped: scales in buffers, low-rank blocks zero-padded to ``target_rank`` (the largest rank to come).
 
     ``config`` (one config or a dict of them, e.g. ``model.peft_config``) gets ``r = target_rank`` and the alpha
-    that keeps its scale (an attached config with per-layer patterns: alphas per layer name). Call it after the first adapter is loaded and before ``torch.compile`` (``check_compiled``
-    says what to do otherwise, as in PEFT). Nothing changes when a block's rank is above ``target_rank``.
+    that keeps its scale (an attached config with per-layer patterns: alphas per layer name). Call it after the
+    first adapter is loaded and before ``torch.compile`` (``check_compiled`` says what to do otherwise, as in
+    PEFT). Nothing changes when a block's rank is above ``target_rank``.
     """
     if check_compiled not in ("error", "warn", "ignore"):
         raise ValueError(f"check_compiled should be one of 'error', 'warn' or 'ignore', got {check_compiled!r}.")

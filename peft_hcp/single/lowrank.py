@@ -162,7 +162,9 @@ class LowRankConfig(HcpSingleConfig):
         """Config fields that give each layer ``{name: {field: value}}`` its values (``None``: any value does).
 
         Each field takes its most frequent value; the layers that need another get a pattern entry under their
-        own name (longest names first, so a name that ends another one does not take its place).
+        own name, as diffusers writes ``rank_pattern`` for a file. A name is also the key of the layers whose
+        names end with ``.`` + it, so the longest names come first (PEFT's ``save_pretrained`` sorts the keys:
+        a model with a layer ``b.c`` and another ``a.b.c`` of other values reloads that order alphabetically).
         """
         kwargs: dict[str, Any] = {}
         for field_name in dict.fromkeys(f for values in per_layer.values() for f in values):
