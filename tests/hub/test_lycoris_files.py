@@ -8,9 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from peft_hcp import HcpLokrConfig
 from peft_hcp.embedded import tiny_unet, unet_inputs
+from peft_hcp.hub import attach
 from peft_hcp.hub.interchange import export_kohya, import_kohya
-from tests.helpers import unet_out
+from tests.helpers import lycoris_network, unet_out
 
 
 lycoris = pytest.importorskip("lycoris.wrapper")
@@ -91,3 +93,31 @@ def test_per_layer_ranks_become_rank_pattern_not_padding(tmp_path):
             block = module.hcp_lora_blocks["default"]
             kernel = module.get_base_layer().weight.shape[2:]
             assert block.rank == (4 if any(k != 1 for k in kernel) else 2), name
+
+
+def test_lycoris_loads_an_exported_adapter_with_patterns(tmp_path):
+    """The other way: an adapter made here with per-layer ranks, alphas and structures, exported, is what
+    LyCORIS's own loader (``create_lycoris_from_weights``) builds and runs (Linear layers: its loader guesses
+    convolution shapes from the tensors)."""
+    unet = tiny_unet()
+    config = HcpLokrConfig(
+        target_modules=["re:.*(attn.|ff)$"],
+        init_weights=False,
+        r=2,
+        alpha=3.0,
+        rank_pattern={"to_q": 3},
+        alpha_pattern={"to_v": 1.0},
+        structure_pattern={"to_k": {"full_matrix": True}, "ff.net.0.proj": {"decompose_both": True}},
+    )
+    attach(unet, config, "a")
+    out = unet_out(unet, unet_inputs())
+    tensors = export_kohya(unet, str(tmp_path / "net.safetensors"))
+    forms = {tuple(name for name, _ in layout) for layout in _layouts(tensors).values()}
+    assert {
+        ("alpha", "lokr_w1", "lokr_w2"),
+        ("alpha", "lokr_w1", "lokr_w2_a", "lokr_w2_b"),
+        ("alpha", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"),
+    } <= forms
+    reference = tiny_unet()
+    lycoris_network(tensors, reference).apply_to()
+    torch.testing.assert_close(unet_out(reference, unet_inputs()), out, atol=1e-5, rtol=0)
