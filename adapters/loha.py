@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 from torch import nn
 
-from peft_hcp.single import HcpSingleConfig, HcpSingleModel, SinglePluginLayer
+from peft_hcp.single import HcpSingleModel, SinglePluginLayer
 from peft_hcp.single.lowrank import (
     LowRankBlock,
-    check_rank,
+    LowRankConfig,
     host_shape,
     resolve_rank,
     scaling,
@@ -109,17 +108,16 @@ class LohaBlock(LowRankBlock):
 
 
 @dataclass
-class HcpLohaConfig(HcpSingleConfig):
-    """LoHa on ``nn.Linear`` / ``nn.Conv2d`` layers: ``rank_groups`` low-rank pairs multiplied elementwise."""
+class HcpLohaConfig(LowRankConfig):
+    """LoHa on ``nn.Linear`` / ``nn.Conv2d`` layers: ``rank_groups`` low-rank pairs multiplied elementwise.
 
-    r: Union[int, float] = field(default=4, metadata={"help": "Rank of each pair, or a ratio of the output features."})
-    alpha: float = field(default=1.0, metadata={"help": "Strength; divided by the rank when alpha_auto_scale."})
-    alpha_auto_scale: bool = field(default=True, metadata={"help": "Scale by alpha / rank instead of alpha."})
+    ``rank_pattern`` / ``alpha_pattern`` set ``r`` / ``alpha`` per layer, as PEFT's (see :class:`LowRankConfig`).
+    """
+
     rank_groups: int = field(default=2, metadata={"help": "How many low-rank pairs are multiplied (2 = LoHa)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_rank(self.r)
         if isinstance(self.rank_groups, bool) or not isinstance(self.rank_groups, int) or self.rank_groups < 1:
             raise ValueError(f"rank_groups must be a positive int, got {self.rank_groups!r}.")
 

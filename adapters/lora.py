@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from peft_hcp.adapters.lora_variants import DoraVariant, LoraVariant
-from peft_hcp.single import HcpSingleConfig, HcpSingleModel, SinglePluginLayer
+from peft_hcp.single import HcpSingleModel, SinglePluginLayer
 from peft_hcp.single.lowrank import (
     LowRankBlock,
-    check_rank,
+    LowRankConfig,
     host_shape,
     resolve_rank,
     scaling,
@@ -76,8 +76,8 @@ class LoraBlock(LowRankBlock):
         return self.variant.merged_weight(self, weight)
 
     @classmethod
-    def config_kwargs_from_kohya(cls, layers: dict[str, dict[str, torch.Tensor]]) -> dict:
-        kwargs = super().config_kwargs_from_kohya(layers)
+    def config_kwargs_from_kohya(cls, layers: dict[str, dict[str, torch.Tensor]], hosts: dict[str, nn.Module]) -> dict:
+        kwargs = super().config_kwargs_from_kohya(layers, hosts)
         return {**kwargs, "use_dora": any("dora_scale" in tensors for tensors in layers.values())}
 
     def load_kohya(self, tensors: dict[str, torch.Tensor], layer: str) -> None:
@@ -93,17 +93,15 @@ class LoraBlock(LowRankBlock):
 
 
 @dataclass
-class HcpLoraConfig(HcpSingleConfig):
+class HcpLoraConfig(LowRankConfig):
     """LoRA on ``nn.Linear`` / ``nn.Conv2d`` layers, with HCP-Diffusion's parameters.
 
     ``r`` is the rank, or with a float, a fraction of each host's output features. The update is
     scaled by ``alpha / rank`` when ``alpha_auto_scale`` (PEFT's ``lora_alpha / r``), else by ``alpha``.
+    ``rank_pattern`` / ``alpha_pattern`` set them per layer, as PEFT's (see :class:`LowRankConfig`).
     ``bias=True`` (HCP) is PEFT's ``lora_bias=True``; PEFT's string values of ``bias`` work as in PEFT.
     """
 
-    r: Union[int, float] = field(default=4, metadata={"help": "Rank, or a float ratio of the output features."})
-    alpha: float = field(default=1.0, metadata={"help": "Strength; divided by the rank when alpha_auto_scale."})
-    alpha_auto_scale: bool = field(default=True, metadata={"help": "Scale by alpha / rank instead of alpha."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
     bias: Union[bool, str] = field(
         default="none",
@@ -124,7 +122,6 @@ class HcpLoraConfig(HcpSingleConfig):
             self.lora_bias, self.bias = self.lora_bias or self.bias, "none"
         if self.bias not in ("none", "all", "hcp_lora_only"):
             raise ValueError(f"bias must be a bool, 'none', 'all' or 'hcp_lora_only', got {self.bias!r}.")
-        check_rank(self.r)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
         if self.use_dora and self.lora_bias:

@@ -47,7 +47,7 @@ _EXPORTS = {
     ),
     "peft_hcp.selectors": ("Selector", "Target", "parse_selector", "parse_selectors", "resolve"),
     "peft_hcp.single": ("HcpSingleConfig", "SinglePluginBlock", "register_single_plugin"),
-    "peft_hcp.single.lowrank": ("LowRankBlock",),
+    "peft_hcp.single.lowrank": ("LowRankBlock", "LowRankConfig"),
     "peft_hcp.wrap": ("wrap_model",),
 }
 

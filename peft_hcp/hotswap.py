@@ -38,7 +38,7 @@ from peft_hcp.base.blocks import BlockLayer, WeightedBlock
 from peft_hcp.base.components import pipeline_components
 from peft_hcp.base.files import check_adapter_folder, read_safetensors
 from peft_hcp.errors import CheckpointError, few
-from peft_hcp.single.lowrank import LowRankBlock
+from peft_hcp.single.lowrank import LowRankBlock, LowRankConfig
 
 
 _PEFT_PREFIX = "base_model.model."
@@ -48,6 +48,8 @@ _FREE_FIELDS = frozenset(
     {
         "r",
         "alpha",
+        "rank_pattern",
+        "alpha_pattern",
         "alpha_auto_scale",
         "dropout",
         "init_weights",
@@ -92,8 +94,9 @@ def prepare_model_for_compiled_hotswap(
     hot-swapped: scales in buffers, low-rank blocks zero-padded to ``target_rank`` (the largest rank to come).
 
     ``config`` (one config or a dict of them, e.g. ``model.peft_config``) gets ``r = target_rank`` and the alpha
-    that keeps its scale. Call it after the first adapter is loaded and before ``torch.compile`` (``check_compiled``
-    says what to do otherwise, as in PEFT). Nothing changes when a block's rank is above ``target_rank``.
+    that keeps its scale (an attached config with per-layer patterns: alphas per layer name). Call it after the
+    first adapter is loaded and before ``torch.compile`` (``check_compiled`` says what to do otherwise, as in
+    PEFT). Nothing changes when a block's rank is above ``target_rank``.
     """
     if check_compiled not in ("error", "warn", "ignore"):
         raise ValueError(f"check_compiled should be one of 'error', 'warn' or 'ignore', got {check_compiled!r}.")
@@ -126,11 +129,30 @@ def prepare_model_for_compiled_hotswap(
         return
     for block in lowrank:
         block.pad_rank(target_rank)
+    scales = _layer_scales(modules)
     for each in _configs(config):
-        if isinstance(getattr(each, "r", None), int) and not isinstance(each.r, bool):
+        patterned = isinstance(each, LowRankConfig) and (each.rank_pattern or each.alpha_pattern)
+        if patterned and id(each) in scales:  # alphas per layer name take the patterns' place
+            each.set_rank(target_rank, scales[id(each)])
+        elif isinstance(getattr(each, "r", None), int) and not isinstance(each.r, bool):
             if getattr(each, "alpha_auto_scale", False):
                 each.alpha = each.alpha * target_rank / each.r
             each.r = target_rank
+
+
+def _layer_scales(modules: list[nn.Module]) -> dict[int, dict[str, float]]:
+    """``{id(config): {layer name: scale}}`` of the low-rank adapters on ``modules``, by the config attached."""
+    scales: dict[int, dict[str, float]] = {}
+    for module in modules:
+        module = _uncompiled(module)
+        configs = getattr(module, "peft_config", None) or {}
+        for name, layer in module.named_modules():
+            if isinstance(layer, BlockLayer):
+                for adapter, block in layer.blocks.items():
+                    if isinstance(block, LowRankBlock) and adapter in configs:
+                        by_layer = scales.setdefault(id(configs[adapter]), {})
+                        by_layer[name.removeprefix(_PEFT_PREFIX)] = block.base_scaling
+    return scales
 
 
 def _configs(config: Any) -> Iterable[Any]:
@@ -191,7 +213,8 @@ def _plan(root: nn.Module, adapter_name: str, config: Any, state_dict: dict[str,
             )
             targets[key if key.startswith(_PEFT_PREFIX) else _PEFT_PREFIX + key] = (holder, param_name, tensor)
         if isinstance(holder, LowRankBlock):
-            swap.scales.append((holder, holder.scale_for(config, layer.get_base_layer())))
+            layer_config = config.for_layer(name.removeprefix(_PEFT_PREFIX))
+            swap.scales.append((holder, holder.scale_for(layer_config, layer.get_base_layer())))
     incoming = {key if key.startswith(_PEFT_PREFIX) else _PEFT_PREFIX + key: v for key, v in state_dict.items()}
     missing, unexpected = sorted(set(targets) - set(incoming)), sorted(set(incoming) - set(targets))
     if missing or unexpected:

@@ -26,6 +26,7 @@ DOCUMENTED = {
         "HcpPatchConfig",
         "SinglePluginBlock",
         "LowRankBlock",
+        "LowRankConfig",
         "PatchPluginBlock",
         "PatchPluginContainer",
         "ReplacePatchContainer",
@@ -59,7 +60,7 @@ DOCUMENTED = {
     "peft_hcp.hub": ["attach"],
     "peft_hcp.hub.interchange": ["import_kohya", "export_kohya", "export_diffusers", "import_hcp"],
     "peft_hcp.single": ["HcpSingleModel", "SinglePluginLayer"],
-    "peft_hcp.single.lowrank": ["LowRankBlock"],
+    "peft_hcp.single.lowrank": ["LowRankBlock", "LowRankConfig"],
     "peft_hcp.single.model": ["find_hosts"],
     # the architecture table: where the shared machinery lives
     "peft_hcp.base.config": ["HcpConfig"],

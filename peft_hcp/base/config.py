@@ -63,6 +63,11 @@ class HcpConfig(PeftConfig):
         if self.peft_hcp_version is None:
             self.peft_hcp_version = PEFT_HCP_VERSION
 
+    def for_layer(self, name: str) -> HcpConfig:
+        """The config the plugin at layer ``name`` is built with: this one, unless per-layer patterns change it
+        (the low-rank configs' ``rank_pattern`` …, see :class:`~peft_hcp.single.lowrank.LowRankConfig`)."""
+        return self
+
     def _selector_list(self, name: str, one_string_is_list: bool = True) -> None:
         """Normalise the selector field ``name`` to a list and parse it, so a malformed selector fails here."""
         value = getattr(self, name)

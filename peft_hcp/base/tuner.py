@@ -76,7 +76,8 @@ class HcpTuner(BaseTuner):
         current_key: str,
         parameter_name: Optional[str] = None,
     ) -> None:
-        self._add_adapter_to(target, target_name, parent, peft_config, adapter_name)
+        # each layer's own config, per-layer patterns applied (as PEFT's LoRA reads its rank_pattern here)
+        self._add_adapter_to(target, target_name, parent, peft_config.for_layer(current_key), adapter_name)
 
     def _add_adapter_to(
         self, target: nn.Module, target_name: str, parent: nn.Module, config, adapter_name: str

@@ -17,19 +17,29 @@ and builds itself from a file with :meth:`config_kwargs_from_kohya` + :meth:`loa
 with :meth:`kohya_tensors`, and, where its update is a plain low-rank product, gives diffusers' LoRA
 factors with :meth:`lora_factors`. Merging passes the host weight (:meth:`merged_weight`), for variants
 whose merged weight depends on it (DoRA).
+
+Every variant's config derives from :class:`LowRankConfig`: PEFT's per-layer ``rank_pattern`` and
+``alpha_pattern``, and any pattern of its own (LoKr's ``structure_pattern``), so a file whose layers need
+several ranks, alphas or structures imports as one adapter.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
-from typing import ClassVar, Optional, Union
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union, cast
 
 import torch
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.utils.other import get_pattern_key
 from torch import nn
 
 from peft_hcp.errors import CheckpointError, UnsupportedLayerError
 from peft_hcp.single.block import SinglePluginBlock
+from peft_hcp.single.config import HcpSingleConfig
 
 
 def check_rank(r: Union[int, float]) -> None:
@@ -61,6 +71,119 @@ def host_shape(host: nn.Module) -> tuple[int, int]:
             raise UnsupportedLayerError(f"Grouped convolutions (groups={host.groups}) are not supported: {host}.")
         return host.in_channels, host.out_channels
     raise UnsupportedLayerError(f"Expected nn.Linear or nn.Conv2d, got {type(host).__name__}.")
+
+
+@dataclass
+class LowRankConfig(HcpSingleConfig):
+    """Base of the low-rank variants' configs: ``r``, ``alpha`` (scaled by ``alpha / r`` when
+    ``alpha_auto_scale``) and PEFT's per-layer ``rank_pattern`` and ``alpha_pattern``.
+
+    As in PEFT, a pattern maps a key to a value for the layers the key matches: a key, read as a regular
+    expression, matches a layer whose whole name, or the part after one of its dots, it matches
+    (``peft.utils.other.get_pattern_key``; the first key that matches wins). ``{"to_q": 8}`` gives every
+    ``….to_q`` rank 8; ``{"^down_blocks.0.*": 8}`` the layers under ``down_blocks.0``. Other layers take
+    ``r`` / ``alpha``.
+    """
+
+    r: Union[int, float] = field(default=4, metadata={"help": "Rank, or a float ratio of the output features."})
+    alpha: float = field(default=1.0, metadata={"help": "Strength; divided by the rank when alpha_auto_scale."})
+    alpha_auto_scale: bool = field(default=True, metadata={"help": "Scale by alpha / rank instead of alpha."})
+    rank_pattern: dict = field(
+        default_factory=dict,
+        metadata={"help": "Per-layer ranks, {key: r}; keys match layer names as PEFT's LoraConfig.rank_pattern."},
+    )
+    alpha_pattern: dict = field(
+        default_factory=dict,
+        metadata={"help": "Per-layer alphas, {key: alpha}; keys match layer names as PEFT's alpha_pattern."},
+    )
+
+    #: each pattern field and the fields its values set: a one-field pattern maps keys to values (PEFT's
+    #: form), a pattern of several fields maps keys to dicts of some of them
+    layer_patterns: ClassVar[dict[str, tuple[str, ...]]] = {"rank_pattern": ("r",), "alpha_pattern": ("alpha",)}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_layer_fields()
+        for pattern_name, targets in self.layer_patterns.items():
+            patterns = getattr(self, pattern_name)
+            if patterns is None:  # PEFT's configs accept None for an empty pattern
+                patterns = {}
+                setattr(self, pattern_name, patterns)
+            if not isinstance(patterns, dict):
+                raise ValueError(f"{pattern_name} must be a dict {{key: value}}, got {patterns!r:.80}.")
+            for key, value in patterns.items():
+                try:
+                    re.compile(key)
+                    changes = self._pattern_changes(targets, value)
+                    self._with(changes).check_layer_fields()
+                except (TypeError, ValueError, re.error) as exc:
+                    raise ValueError(f"{pattern_name}[{key!r}]: {exc}") from exc
+
+    def check_layer_fields(self) -> None:
+        """Refuse a bad value of a field the patterns can set (checked for the config and for every pattern)."""
+        check_rank(self.r)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise ValueError(f"alpha must be a number, got {self.alpha!r}.")
+
+    def for_layer(self, name: str) -> LowRankConfig:
+        changes: dict[str, Any] = {}
+        for pattern_name, targets in self.layer_patterns.items():
+            patterns = getattr(self, pattern_name)
+            key = get_pattern_key(patterns.keys(), name)
+            if key in patterns:
+                changes.update(self._pattern_changes(targets, patterns[key]))
+        return self._with(changes) if changes else self
+
+    def set_rank(self, rank: int, scales: dict[str, float]) -> None:
+        """Give every layer rank ``rank`` and the alpha that keeps its scale (``scales``: ``{layer name: scale}``,
+        the blocks' own), as alphas per layer name where they differ (a compiled hot-swap's padded blocks)."""
+        per_layer = {
+            name: {"alpha": scale * rank if self.alpha_auto_scale else scale} for name, scale in scales.items()
+        }
+        fields = self.fields_with_patterns(per_layer)
+        self.r, self.rank_pattern = rank, {}
+        self.alpha, self.alpha_pattern = fields["alpha"], fields.get("alpha_pattern", {})
+
+    @staticmethod
+    def _pattern_changes(targets: tuple[str, ...], value: Any) -> dict[str, Any]:
+        if len(targets) == 1:
+            return {targets[0]: value}
+        if not isinstance(value, dict) or not set(value) <= set(targets):
+            raise ValueError(f"a dict of some of {list(targets)} is needed, not {value!r:.80}")
+        return value
+
+    def _with(self, changes: dict[str, Any]) -> LowRankConfig:
+        layer_config = copy.copy(self)
+        vars(layer_config).update(changes)
+        return layer_config
+
+    @classmethod
+    def fields_with_patterns(cls, per_layer: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Config fields that give each layer ``{name: {field: value}}`` its values (``None``: any value does).
+
+        Each field takes its most frequent value; the layers that need another get a pattern entry under their
+        own name, as diffusers writes ``rank_pattern`` for a file. A name is also the key of the layers whose
+        names end with ``.`` + it, so the longest names come first (PEFT's ``save_pretrained`` sorts the keys:
+        a model with a layer ``b.c`` and another ``a.b.c`` of other values reloads that order alphabetically).
+        """
+        kwargs: dict[str, Any] = {}
+        for field_name in dict.fromkeys(f for values in per_layer.values() for f in values):
+            pinned = [values[field_name] for values in per_layer.values() if values.get(field_name) is not None]
+            if pinned:
+                kwargs[field_name] = Counter(pinned).most_common(1)[0][0]
+        for pattern_name, targets in cls.layer_patterns.items():
+            patterns = {}
+            for name in sorted(per_layer, key=len, reverse=True):
+                own = {
+                    f: value
+                    for f in targets
+                    if (value := per_layer[name].get(f)) is not None and value != kwargs.get(f, value)
+                }
+                if own:
+                    patterns[name] = own[targets[0]] if len(targets) == 1 else own
+            if patterns:
+                kwargs[pattern_name] = patterns
+        return kwargs
 
 
 class LowRankBlock(SinglePluginBlock):
@@ -96,15 +219,23 @@ class LowRankBlock(SinglePluginBlock):
         return float(tensors["alpha"]) / rank if "alpha" in tensors else 1.0
 
     @classmethod
-    def config_kwargs_from_kohya(cls, layers: dict[str, dict[str, torch.Tensor]]) -> dict:
-        """Config fields whose blocks can hold every one of ``layers`` (``{module name: tensors}``).
+    def layer_fields_from_kohya(cls, tensors: dict[str, torch.Tensor], host: nn.Module) -> dict[str, Any]:
+        """The config fields one file layer needs on ``host`` (a value ``None``: any value builds it)."""
+        rank = cls.kohya_rank(tensors)  # kohya's alpha is HCP's alpha with alpha_auto_scale
+        return {"r": rank, "alpha": float(tensors["alpha"]) if "alpha" in tensors else float(rank)}
 
-        ``r`` is the largest rank and ``alpha`` gives the first layer's scale, so a file with one rank and
-        one alpha (the usual case) round-trips exactly; :meth:`load_kohya` pads and folds the others.
+    @classmethod
+    def config_kwargs_from_kohya(
+        cls, layers: dict[str, dict[str, torch.Tensor]], hosts: dict[str, nn.Module]
+    ) -> dict[str, Any]:
+        """Config fields whose blocks hold each of ``layers`` (``{module name: tensors}``) on its host exactly.
+
+        ``r`` and ``alpha`` are the most frequent ones; a layer with others gets its own ``rank_pattern`` /
+        ``alpha_pattern`` entry (:meth:`LowRankConfig.fields_with_patterns`), so a file with one rank and one
+        alpha (the usual case) gives a config without patterns, and any file one adapter.
         """
-        first = next(iter(layers.values()))
-        rank = max(cls.kohya_rank(tensors) for tensors in layers.values())
-        return {"r": rank, "alpha": cls.kohya_scale(first) * rank, "alpha_auto_scale": True}
+        per_layer = {name: cls.layer_fields_from_kohya(tensors, hosts[name]) for name, tensors in layers.items()}
+        return {**lowrank_types()[cls].fields_with_patterns(per_layer), "alpha_auto_scale": True}
 
     def load_kohya(self, tensors: dict[str, torch.Tensor], layer: str) -> None:
         """Copy one file layer in: zero-pad a lower rank, fold the layer's own scale into ``scale_weight``.
@@ -199,14 +330,14 @@ def _match_weight_shape(module: nn.Module) -> None:
         module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
 
 
-def lowrank_types() -> dict[type[LowRankBlock], type]:
+def lowrank_types() -> dict[type[LowRankBlock], type[LowRankConfig]]:
     """Every registered low-rank variant: ``{block class: config class}``, in registration order."""
     blocks = {
         config_cls: inspect.getattr_static(config_cls, "plugin_cls", None)
         for config_cls in PEFT_TYPE_TO_CONFIG_MAPPING.values()
     }
     return {
-        block_cls: config_cls
+        block_cls: cast(type[LowRankConfig], config_cls)
         for config_cls, block_cls in blocks.items()
         if isinstance(block_cls, type) and issubclass(block_cls, LowRankBlock)  # a LazyClass is no low-rank block
     }

@@ -183,6 +183,9 @@ def _config_edit(draw, leaf: str):
             [
                 "r",
                 "alpha",
+                "rank_pattern",
+                "alpha_pattern",
+                "structure_pattern",
                 "rank_groups",
                 "decompose_factor",
                 "target_modules",

@@ -288,7 +288,9 @@ def test_a_header_with_other_shapes_is_refused_naming_both(edited):
     [
         ({"r": -1}, "r must be at least 1"),
         ({"r": True}, "r must be an int"),
-        ({"alpha": "strong"}, "TypeError"),
+        ({"alpha": "strong"}, "alpha must be a number"),
+        ({"rank_pattern": {"to_q": -1}}, r"rank_pattern\['to_q'\]: r must be at least 1"),
+        ({"alpha_pattern": ["to_q"]}, "alpha_pattern must be a dict"),
         ({"dropout": 5}, "dropout must be in"),
         ({"target_modules": 12}, "adapter_config.json"),
         ({"rank_groups": 10**9}, "too much"),

@@ -158,7 +158,9 @@ def test_import_refuses_a_layer_of_another_structure(tmp_path):
         f"{key}.lokr_w2_b": torch.randn(2, 8),
         f"{key}.alpha": torch.tensor(2.0),
         f"{other}.lokr_w1": torch.randn(4, 4),
-        f"{other}.lokr_w2": torch.randn(8, 8),  # full at rank 2: not LyCORIS's
+        f"{other}.lokr_w2_a": torch.randn(8, 6),  # decomposed at rank 6, where LyCORIS keeps an 8 x 8 w2 full
+        f"{other}.lokr_w2_b": torch.randn(6, 8),
+        f"{other}.alpha": torch.tensor(2.0),
     }
     save_file(tensors, str(tmp_path / "odd.safetensors"))
     unet = tiny_unet()

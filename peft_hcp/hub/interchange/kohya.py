@@ -9,9 +9,9 @@ What each variant's tensors are, and how it builds itself from them, the block d
 in ``adapters/`` imports and exports with no change here.
 
 Import builds one config per pipeline component and variant from the variant's
-``config_kwargs_from_kohya`` (for the bundled ones: ``r`` the largest rank in the file, ``alpha`` that of
-its layers, so a file with one rank and one alpha round-trips exactly; lower ranks are zero-padded and
-other ``alpha / rank`` folded into a weight, which keeps every layer's output exact). Unknown layers,
+``config_kwargs_from_kohya``: the most frequent rank, alpha (and LoKr structure) of the file's layers, and
+PEFT-style ``rank_pattern`` / ``alpha_pattern`` (LoKr: ``structure_pattern``) entries for the layers that
+differ, so every layer is rebuilt as the file has it and the whole file is one adapter. Unknown layers,
 unknown tensor sets and shape mismatches are refused by name, and a refused import leaves the model as it
 was. Files are read with safetensors only.
 """
@@ -33,6 +33,7 @@ from peft_hcp.base.files import read_safetensors
 from peft_hcp.base.names import check_adapter_name
 from peft_hcp.base.preflight import rehearse
 from peft_hcp.base.snapshot import all_or_nothing
+from peft_hcp.base.unwrap import base_module
 from peft_hcp.errors import CheckpointError, few
 from peft_hcp.hub.interchange.blocks import file_variant, lowrank_blocks
 from peft_hcp.hub.interchange.comfyui import comfyui_layers_of_file, reads_comfyui_layout
@@ -252,7 +253,8 @@ def _install(
     is_trainable: bool,
 ) -> None:
     config_cls = lowrank_types()[block_cls]
-    kwargs = block_cls.config_kwargs_from_kohya(parts_by_name)
+    hosts = {name: base_module(module.get_submodule(name)) for name in parts_by_name}
+    kwargs = block_cls.config_kwargs_from_kohya(parts_by_name, hosts)
     config = config_cls(target_modules=sorted(parts_by_name), init_weights=False, **kwargs)
     previous = active_adapters(module)
     attach(module, config, adapter_name)
