@@ -29,6 +29,7 @@ import copy
 import inspect
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union, cast
 
@@ -40,6 +41,16 @@ from torch import nn
 from peft_hcp.errors import CheckpointError, UnsupportedLayerError
 from peft_hcp.single.block import SinglePluginBlock
 from peft_hcp.single.config import HcpSingleConfig
+
+
+def pattern_key(name: str, names: Iterable[str]) -> str:
+    """The ``rank_pattern``-style key that picks layer ``name`` among ``names`` and no other.
+
+    PEFT matches a key against the whole layer name or the part after a dot (``get_pattern_key``), so a
+    top-level ``proj_out`` would also pick ``single_transformer_blocks.0.proj_out``; there the key is
+    anchored, ``^proj_out``, which PEFT and diffusers read the same way.
+    """
+    return f"^{name}" if any(other.endswith(f".{name}") for other in names) else name
 
 
 def check_rank(r: Union[int, float]) -> None:
@@ -161,10 +172,8 @@ class LowRankConfig(HcpSingleConfig):
     def fields_with_patterns(cls, per_layer: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Config fields that give each layer ``{name: {field: value}}`` its values (``None``: any value does).
 
-        Each field takes its most frequent value; the layers that need another get a pattern entry under their
-        own name, as diffusers writes ``rank_pattern`` for a file. A name is also the key of the layers whose
-        names end with ``.`` + it, so the longest names come first (PEFT's ``save_pretrained`` sorts the keys:
-        a model with a layer ``b.c`` and another ``a.b.c`` of other values reloads that order alphabetically).
+        Each field takes its most frequent value; the layers that need another get a pattern entry keyed by
+        :func:`pattern_key`, their own name as diffusers writes ``rank_pattern`` for a file.
         """
         kwargs: dict[str, Any] = {}
         for field_name in dict.fromkeys(f for values in per_layer.values() for f in values):
@@ -173,14 +182,14 @@ class LowRankConfig(HcpSingleConfig):
                 kwargs[field_name] = Counter(pinned).most_common(1)[0][0]
         for pattern_name, targets in cls.layer_patterns.items():
             patterns = {}
-            for name in sorted(per_layer, key=len, reverse=True):
+            for name in sorted(per_layer):
                 own = {
                     f: value
                     for f in targets
                     if (value := per_layer[name].get(f)) is not None and value != kwargs.get(f, value)
                 }
                 if own:
-                    patterns[name] = own[targets[0]] if len(targets) == 1 else own
+                    patterns[pattern_key(name, per_layer)] = own[targets[0]] if len(targets) == 1 else own
             if patterns:
                 kwargs[pattern_name] = patterns
         return kwargs

@@ -178,3 +178,20 @@ def test_structure_pattern_builds_each_layer_as_its_own_config(unet):
 def test_bad_patterns_are_refused_naming_the_key(fields, message):
     with pytest.raises(ValueError, match=message):
         HcpLokrConfig(target_modules=[""], **fields)
+
+
+def test_a_pattern_key_picks_its_layer_and_no_layer_ending_in_its_name():
+    from peft.utils.other import get_pattern_key
+
+    from peft_hcp.single.lowrank import pattern_key
+
+    names = ["proj_out", "single_transformer_blocks.0.proj_out", "blocks.0.attn.to_q"]
+    keys = {name: pattern_key(name, names) for name in names}
+    assert keys == {
+        "proj_out": "^proj_out",
+        "single_transformer_blocks.0.proj_out": "single_transformer_blocks.0.proj_out",
+        "blocks.0.attn.to_q": "blocks.0.attn.to_q",
+    }
+    for name in names:  # as PEFT reads the keys, in any order
+        for order in (list(keys.values()), sorted(keys.values()), sorted(keys.values(), reverse=True)):
+            assert get_pattern_key(order, name) == keys[name]

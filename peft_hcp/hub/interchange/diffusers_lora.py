@@ -35,7 +35,7 @@ from peft_hcp.hub.interchange.stock import (
     interchange_components,
     loader_class,
 )
-from peft_hcp.single.lowrank import LowRankBlock
+from peft_hcp.single.lowrank import LowRankBlock, pattern_key
 
 
 #: the file name ``load_lora_weights`` looks for in a folder
@@ -118,8 +118,10 @@ def lora_adapter_metadata(ranks_alphas: dict[str, tuple[int, float]]) -> dict:
     return {
         "r": r,
         "lora_alpha": lora_alpha,
-        "rank_pattern": {name: rank for name, (rank, _) in ranks_alphas.items() if rank != r},
-        "alpha_pattern": {name: alpha for name, (_, alpha) in ranks_alphas.items() if alpha != lora_alpha},
+        "rank_pattern": {pattern_key(n, ranks_alphas): rank for n, (rank, _) in ranks_alphas.items() if rank != r},
+        "alpha_pattern": {
+            pattern_key(n, ranks_alphas): alpha for n, (_, alpha) in ranks_alphas.items() if alpha != lora_alpha
+        },
         "target_modules": sorted(ranks_alphas),
     }
 
