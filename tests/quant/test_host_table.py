@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from diffusers.hooks import apply_layerwise_casting
-from peft import inject_adapter_in_model
+from peft import PeftModel, inject_adapter_in_model
 from torch import nn
 
 from peft_hcp import HcpLohaConfig, HcpLoraConfig, QuantizerMissingError
@@ -112,3 +112,21 @@ def test_import_loads_no_quantizer_of_its_own() -> None:
         """
     )
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8", "gguf-q4_k", "int8-torchao", "fp8"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_saved_adapters_load_across_float_and_quantized_hosts(tmp_path, scheme: str, kind: str) -> None:
+    """A saved adapter is checked against its file on a meta twin of the host (the logical shape), and loads onto
+    a quantized host from a float one and back."""
+    quantized, reference = adapted_pair(scheme, kind)
+    quantized.save_pretrained(tmp_path / "quantized")
+    reference.save_pretrained(tmp_path / "float")
+    onto_float = PeftModel.from_pretrained(quantized_and_reference(scheme)[1], tmp_path / "quantized")
+    onto_quantized = PeftModel.from_pretrained(quantized_and_reference(scheme)[0], tmp_path / "float")
+    quantized.eval(), reference.eval()  # as from_pretrained leaves the models it loads
+    with torch.no_grad():
+        x = inputs()
+        tolerance = 2 * host_error(scheme, eval_mode=True) + 1e-5
+        torch.testing.assert_close(onto_float(x), reference(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(onto_quantized(x), quantized(x), rtol=0, atol=tolerance)
