@@ -3,17 +3,19 @@ convolutions, a missing quantizer, and ``import peft_hcp`` importing no quantize
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
 import torch
 from diffusers.hooks import apply_layerwise_casting
-from peft import PeftModel, inject_adapter_in_model
+from peft import PeftModel, get_peft_model, inject_adapter_in_model
 from torch import nn
 
 from peft_hcp import HcpLohaConfig, HcpLoraConfig, QuantizerMissingError
+from peft_hcp.hub.interchange.kohya import export_kohya, import_kohya
 from peft_hcp.quant import dequantized_weight, host_type, quantization_of, quantize_model
-from tests.helpers import run_python
+from tests.helpers import run_python, unet_out
 from tests.quant.test_hosts import HOSTS, KINDS, adapted_pair, host_error, inputs, quantized_and_reference
 
 
@@ -130,3 +132,20 @@ def test_saved_adapters_load_across_float_and_quantized_hosts(tmp_path, scheme: 
         tolerance = 2 * host_error(scheme, eval_mode=True) + 1e-5
         torch.testing.assert_close(onto_float(x), reference(x), rtol=0, atol=1e-6)
         torch.testing.assert_close(onto_quantized(x), quantized(x), rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "gguf-q8_0"])
+def test_kohya_file_imports_onto_a_quantized_unet(tmp_path, unet, unet_batch, scheme: str) -> None:
+    """A LyCORIS LoHa file exported from a float UNet imports onto the quantized one (every Linear quantized,
+    convolutions float) and computes as on a float UNet holding the dequantized weights."""
+    quantized = copy.deepcopy(unet)
+    names = quantize_model(quantized, scheme)
+    assert names and all(quantization_of(quantized.get_submodule(name)) for name in names)
+    with torch.no_grad():
+        for name in names:
+            unet.get_submodule(name).weight.copy_(dequantized_weight(quantized.get_submodule(name)))
+    trained = get_peft_model(copy.deepcopy(unet), HcpLohaConfig(target_modules=[""], r=2, init_weights=False))
+    export_kohya(trained, str(tmp_path / "loha.safetensors"))
+    import_kohya(quantized, str(tmp_path / "loha.safetensors"))
+    torch.testing.assert_close(unet_out(quantized, unet_batch), unet_out(trained, unet_batch), rtol=0, atol=1e-5)
+    assert not torch.equal(unet_out(trained, unet_batch), unet_out(unet, unet_batch))  # the file does something
