@@ -37,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from peft_hcp.base.files import read_header
 from peft_hcp.base.fit import check_state_dict
 from peft_hcp.errors import PEFT_HCP_ERRORS, CheckpointError
+from peft_hcp.quant.hosts import quantization_of
 
 
 _PEFT_PREFIX = "base_model.model."
@@ -57,7 +58,8 @@ def meta_twins(modules: Sequence[nn.Module]) -> list[nn.Module]:
 
     A twin is a new object of each module's class whose ``__dict__`` is a copy of the module's, with its own
     copies of the dicts, lists and sets there (children, parameters, buffers, hooks, ``peft_config``); its
-    children are twins, its parameters and buffers empty tensors of the same shape and dtype on ``meta``.
+    children are twins, its parameters and buffers empty tensors of the same shape and dtype on ``meta`` (a
+    quantized weight's twin is a float one of its logical shape and compute dtype, see :mod:`peft_hcp.quant`).
     Other attributes are shared with the module, read-only by convention: attaching never writes to them.
     """
     done: dict[int, Any] = {}
@@ -77,6 +79,12 @@ def meta_twins(modules: Sequence[nn.Module]) -> list[nn.Module]:
             twin = done[id(module)] = type(module).__new__(type(module))
             state = {k: type(v)(v) if type(v) in _MUTABLE else v for k, v in vars(module).items()}
             state["_parameters"] = {k: meta(v) for k, v in module._parameters.items()}
+            quantized = quantization_of(module)
+            if quantized is not None:  # a float weight of the logical shape: what the constructors read
+                logical = torch.empty(
+                    quantized.weight_shape(module), dtype=quantized.compute_dtype(module), device="meta"
+                )
+                state["_parameters"]["weight"] = nn.Parameter(logical, requires_grad=False)
             state["_buffers"] = {k: meta(v) for k, v in module._buffers.items()}
             state["_modules"] = {k: None if v is None else twin_of(v) for k, v in module._modules.items()}
             twin.__dict__.update(state)
