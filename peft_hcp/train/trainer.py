@@ -152,9 +152,17 @@ class Trainer:
         self.pipe = load_pipeline(settings.pretrained_model)
         self.pipe.set_progress_bar_config(disable=True)
         self.resolution = settings.resolution or default_resolution(self.pipe)
+        if settings.quantize is not None:  # before the plugins attach, so that they wrap the quantized layers
+            from peft_hcp.quant import quantize_model
+
+            quantize_model(self.pipe.unet, settings.quantize)
         self.groups = attach_plugins(pipeline_components(self.pipe), entries)
         self.entries = entries
         self.train_te = any(e.component == "text_encoder" for e in entries)
+        if settings.gradient_checkpointing:
+            self.pipe.unet.enable_gradient_checkpointing()
+            if self.train_te:
+                self.pipe.text_encoder.gradient_checkpointing_enable()
         self.conditioned = needs_condition(self.pipe)
         self.dataset, self.held_out = make_datasets(
             settings.data, self.resolution, settings.data_size, settings.seed, settings.eval_size, self.conditioned
