@@ -23,6 +23,7 @@ _EXPORTS = {
         "CheckpointError",
         "MergeNotSupportedError",
         "PeftHcpError",
+        "QuantizerMissingError",
         "SelectorMatchError",
         "SelectorSyntaxError",
         "UnsupportedLayerError",

@@ -27,6 +27,10 @@ class MergeNotSupportedError(PeftHcpError, NotImplementedError):
     """The plugin's effect cannot be folded into the host's weights."""
 
 
+class QuantizerMissingError(PeftHcpError, ImportError):
+    """A quantized host or quantization scheme needs a package that is not installed (the ``quant`` extra)."""
+
+
 class CheckpointError(PeftHcpError, ValueError):
     """An adapter checkpoint is corrupted, pickled, or made for a model of another shape."""
 
