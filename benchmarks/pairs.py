@@ -420,7 +420,8 @@ def _bytes(model: nn.Module, names: Optional[list[str]] = None) -> int:
 def _host_info(w: Workload, scheme: str) -> dict:
     """How many layers ``scheme`` quantizes and their bytes, and the whole UNet's, against the fp32 base."""
     host = _quantized(w, scheme)
-    quantized = [n for n, m in host.named_modules() if need("peft_hcp.quant").quantization_of(m) is not None]
+    quantization_of = need("peft_hcp.quant").quantization_of
+    quantized = [n for n, m in host.named_modules() if isinstance(m, nn.Linear) and quantization_of(m) is not None]
     return {
         "quantized_layers": len(quantized),
         "quantized_vs_fp32_bytes": _bytes(host, quantized) / _bytes(w.base, quantized),
@@ -453,7 +454,7 @@ def train_lora_nf4(w: Workload) -> Pair:
 
 def train_lora_int8(w: Workload) -> Pair:
     """On torchao int8 weight-only layers, against ``peft.tuners.lora.torchao.TorchaoLoraLinear``."""
-    return _quantized_lora(w, "int8", "TorchaoLoraLinear")
+    return _quantized_lora(w, "int8-torchao", "TorchaoLoraLinear")
 
 
 def _lycoris_quantized(w: Workload, ref: PeftModel, scheme: str) -> Callable[[], object]:

@@ -14,8 +14,8 @@ from peft import PeftModel
 
 from peft_hcp.cli import main
 from peft_hcp.embedded import tiny_unet, unet_inputs
+from peft_hcp.quant import quantization_of
 from peft_hcp.train import Trainer, load_settings
-from peft_hcp.train.settings import QUANTIZE_SCHEMES
 from tests.helpers import ROOT, unet_out
 
 
@@ -27,18 +27,18 @@ def test_an_unknown_scheme_is_one_line_naming_the_allowed_ones(tmp_path, capsys)
     assert main(["train", LORA, f"output_dir={tmp_path}", "quantize=int3"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert "quantize must be one of nf4, fp4, int8, fp8, got 'int3'" in err
+    assert "quantize must be one of nf4, fp4, int8, int8-torchao," in err and "got 'int3'" in err
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("scheme", QUANTIZE_SCHEMES)
+@pytest.mark.parametrize("scheme", ["nf4", "fp4", "int8", "fp8", "int8-torchao", "gguf-q8_0"])
 def test_each_scheme_quantizes_the_unet_before_the_plugins_attach(scheme, tmp_path):
-    quant = pytest.importorskip("peft_hcp.quant")
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("torchao")
+    pytest.importorskip("gguf")
     trainer = Trainer(load_settings(LORA, [f"output_dir={tmp_path}", f"quantize={scheme}", *FAST]))
     unet = trainer.pipe.unet
-    hosts = [m for m in unet.modules() if quant.quantization_of(m) is not None]
+    hosts = [m for m in unet.modules() if isinstance(m, torch.nn.Linear) and quantization_of(m) is not None]
     assert hosts
     trainable = [p for group in trainer.optimizer.param_groups for p in group["params"]]
     assert trainable and not any(p is host.weight for host in hosts for p in trainable)
