@@ -55,6 +55,15 @@ def float_layer(layer: nn.Module) -> nn.Module:
     return twin
 
 
+def _is_quantized(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or isinstance(module, BaseTunerLayer):
+        return False
+    if weight.is_meta and not weight.is_floating_point():  # a load rehearsal's meta twin: the storage, untyped
+        return True
+    return quantization_of(module) is not None
+
+
 def clean_copy(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` without its forward hooks, with PEFT tuner layers unwrapped to their base and
     quantized layers (:mod:`peft_hcp.quant`) as float layers of their dequantized weights (:func:`float_layer`):
@@ -64,13 +73,7 @@ def clean_copy(module: nn.Module) -> nn.Module:
         for attr in HOOK_TABLES:
             m.__dict__[attr] = OrderedDict()
     # deepcopy takes what its memo holds for an object instead of copying it
-    floats: dict[int, Any] = {
-        id(m): float_layer(m)
-        for m in module.modules()
-        if isinstance(getattr(m, "weight", None), torch.Tensor)
-        and not isinstance(m, BaseTunerLayer)
-        and quantization_of(m) is not None
-    }
+    floats: dict[int, Any] = {id(m): float_layer(m) for m in module.modules() if _is_quantized(m)}
     try:
         clone = copy.deepcopy(module, floats)
     finally:
