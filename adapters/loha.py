@@ -9,6 +9,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from peft_hcp.quant.hosts import weight_shape
 from peft_hcp.single import HcpSingleConfig, HcpSingleModel, SinglePluginLayer
 from peft_hcp.single.lowrank import (
     LowRankBlock,
@@ -68,7 +69,7 @@ class LohaBlock(LowRankBlock):
     def __init__(self, host: nn.Module, config: HcpLohaConfig) -> None:
         super().__init__(host, config)
         _, out_features = host_shape(host)
-        fan_in = host.weight[0].numel()
+        fan_in = weight_shape(host)[1:].numel()  # the logical shape: a quantized weight's storage differs
         self.rank = resolve_rank(config.r, out_features)
         self.rank_groups = config.rank_groups
         for index in range(1, self.rank_groups + 1):
@@ -104,7 +105,7 @@ class LohaBlock(LowRankBlock):
             up = (a1[:, :, None] * a2[:, None, :]).flatten(1) * self.scaling  # (out, r*r)
             down = (b1[:, None, :] * b2[None, :, :]).flatten(0, 1)  # (r*r, fan_in)
         if isinstance(host, nn.Conv2d):
-            return down.reshape(down.shape[0], *host.weight.shape[1:]), up[:, :, None, None]
+            return down.reshape(down.shape[0], *weight_shape(host)[1:]), up[:, :, None, None]
         return down, up
 
 

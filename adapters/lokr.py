@@ -17,6 +17,7 @@ from peft.tuners.lokr.layer import factorization
 from torch import nn
 
 from peft_hcp.errors import CheckpointError
+from peft_hcp.quant.hosts import weight_shape
 from peft_hcp.single import HcpSingleConfig, HcpSingleModel, SinglePluginLayer
 from peft_hcp.single.lowrank import (
     LowRankBlock,
@@ -52,7 +53,7 @@ class LokrBlock(LowRankBlock):
         super().__init__(host, config)
         in_features, out_features = host_shape(host)
         self.rank = r = resolve_rank(config.r, out_features)
-        kernel = tuple(host.weight.shape[2:])  # () for Linear
+        kernel = tuple(weight_shape(host)[2:])  # () for Linear; the logical shape, not a quantized storage's
         out_l, out_k = factorization(out_features, config.decompose_factor)
         in_m, in_n = factorization(in_features, config.decompose_factor)
         use_w1 = not (config.decompose_both and r < max(out_l, in_m) / 2)

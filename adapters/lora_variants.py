@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_hcp.errors import CheckpointError
+from peft_hcp.quant.hosts import dequantized_weight
 from peft_hcp.single.dropout import dropout_down
 
 
@@ -65,7 +66,7 @@ class DoraVariant(LoraVariant):
         # DoRA's norm is of the host's weight: keep a reference to it, outside the block's modules and state
         block.__dict__["_dora_host"] = host
         with torch.no_grad():  # PEFT's magnitude: the norm of the adapted weight, per output channel
-            block.dora_scale = nn.Parameter(out_norm(block.adapted_weight(host.weight)))
+            block.dora_scale = nn.Parameter(out_norm(block.adapted_weight(dequantized_weight(host))))
 
     @staticmethod
     def forward(block: LoraBlock, x: torch.Tensor, fea_out: torch.Tensor) -> torch.Tensor:
@@ -74,13 +75,15 @@ class DoraVariant(LoraVariant):
         active dropout, recomputed from the dropped-out input as PEFT does."""
         host = block._dora_host
         x = x.to(block.lora_down.weight.dtype)
-        weight = host.weight.to(x.dtype)
+        weight = dequantized_weight(host).to(x.dtype)  # a quantized host's too
         norm = out_norm(block.adapted_weight(weight)).detach()
         shape = (-1, 1, 1) if isinstance(host, nn.Conv2d) else (-1,)
         factor = (block.dora_scale / norm).reshape(shape)
         dropped = block.dropout(x)
         if isinstance(block.dropout, nn.Identity) or not block.training:
-            base = fea_out.to(x.dtype) if host.bias is None else fea_out.to(x.dtype) - host.bias.reshape(shape)
+            base = (
+                fea_out.to(x.dtype) if host.bias is None else fea_out.to(x.dtype) - host.bias.to(x.dtype).reshape(shape)
+            )
         elif isinstance(host, nn.Conv2d):
             base = F.conv2d(dropped, weight, None, host.stride, host.padding, host.dilation, host.groups)
         else:
@@ -100,7 +103,7 @@ class DoraVariant(LoraVariant):
         if "dora_scale" not in tensors:
             load(tensors, layer)
             with torch.no_grad():
-                block.dora_scale.copy_(out_norm(block.adapted_weight(block._dora_host.weight)))
+                block.dora_scale.copy_(out_norm(block.adapted_weight(dequantized_weight(block._dora_host))))
             return
         magnitude, out_features = tensors["dora_scale"], block.dora_scale.shape[0]
         if magnitude.numel() != out_features:

@@ -7,13 +7,14 @@ costs no hook dispatch, lets state dicts, device moves and ``deepcopy`` see the 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
 from peft_hcp.base.blocks import BlockLayer, HostedBlock
 from peft_hcp.base.config import HcpConfig
 from peft_hcp.errors import UnsupportedLayerError
+from peft_hcp.quant.hosts import quantization_of
 
 
 #: host attributes PEFT and diffusers read off tuner layers; convolutions also get PEFT's
@@ -50,6 +51,13 @@ class HostLayer(BlockLayer):
         self.blocks[adapter_name] = block
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[Any, Any]:
+        """PEFT's device and dtype for the adapters (it casts them there), the dtype a quantized host computes in
+        rather than its storage's: an fp8-stored layer's adapters stay in its compute dtype."""
+        device, dtype = super()._get_base_layer_device_and_dtype(base_layer)
+        quantized = quantization_of(base_layer)
+        return device, dtype if quantized is None else quantized.compute_dtype(base_layer)
 
     def remove_from(self, model: nn.Module, name: str) -> None:
         """Put the module this layer wrapped back in its place."""

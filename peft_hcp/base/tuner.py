@@ -166,12 +166,15 @@ class HcpTuner(BaseTuner):
         raise NotImplementedError
 
     def _host_weights(self) -> list[torch.Tensor]:
-        """The weights a merge writes into: those of the layers this type's wrappers hold."""
+        """The weights a merge writes into: the float ones of the layers this type's wrappers hold. A merge
+        replaces a quantized weight (a tensor subclass) by a new object instead, which the module tree's
+        snapshot puts back (see :mod:`peft_hcp.quant.hosts`)."""
         return [
             p
             for _, layer in self._own_layers()
             if hasattr(layer, "base_layer")
             for p in layer.get_base_layer().parameters()
+            if type(p) in (torch.Tensor, nn.Parameter) and p.is_floating_point()
         ]
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:

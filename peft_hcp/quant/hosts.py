@@ -117,7 +117,8 @@ class HostType:
         return host.weight.dtype
 
     def dequantized_weight(self, host: Host) -> torch.Tensor:
-        """The float weight the host computes with (detached, in :meth:`compute_dtype`)."""
+        """The float weight the host computes with, in :meth:`compute_dtype` (a new tensor, except for a float
+        host, whose own weight it is)."""
         raise NotImplementedError
 
     def requantize(self, host: Host, weight: torch.Tensor) -> None:
@@ -151,14 +152,15 @@ class FloatHost(HostType):
         return f"float ({host.weight.dtype})"
 
     def dequantized_weight(self, host: Host) -> torch.Tensor:
-        return host.weight.detach()
+        return host.weight  # itself: a trainable float weight keeps its gradient (DoRA's base term)
 
     def requantize(self, host: Host, weight: torch.Tensor) -> None:
         with torch.no_grad():
             host.weight.copy_(weight)
 
     def snapshot(self, host: Host) -> StorageSnapshot:
-        return StorageSnapshot(values=[(host.weight.data, host.weight.detach().clone())])
+        # the parameter, not its .data: layerwise casting gives the parameter new data at every forward
+        return StorageSnapshot(values=[(host.weight, host.weight.detach().clone())])
 
 
 class LayerwiseCastHost(FloatHost):
@@ -403,6 +405,7 @@ def _short(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+_FLOAT = FloatHost()
 #: The host table, most specific first: :func:`host_type` takes the first entry that matches.
 HOST_TYPES: tuple[HostType, ...] = (
     Bnb4bitHost(),
@@ -410,27 +413,36 @@ HOST_TYPES: tuple[HostType, ...] = (
     TorchaoHost(),
     GgufHost(),
     LayerwiseCastHost(),
-    FloatHost(),
+    _FLOAT,
 )
 
 
 def host_type(module: Host) -> HostType:
     """The :data:`HOST_TYPES` entry of ``module``'s weight; an error naming the weight's type when none fits."""
-    for entry in HOST_TYPES:
-        if entry.matches(module):
-            return entry
-    weight = getattr(module, "weight", None)
-    raise UnsupportedLayerError(
-        f"{type(module).__name__} has a weight of type {type(weight).__name__} "
-        f"({getattr(weight, 'dtype', None)}) that no host type knows: "
-        f"known are {', '.join(entry.family for entry in HOST_TYPES)} (peft_hcp.quant.HOST_TYPES)."
-    )
+    entry = _entry_of(module)
+    if entry is None:
+        weight = getattr(module, "weight", None)
+        raise UnsupportedLayerError(
+            f"{type(module).__name__} has a weight of type {type(weight).__name__} "
+            f"({getattr(weight, 'dtype', None)}) that no host type knows: "
+            f"known are {', '.join(entry.family for entry in HOST_TYPES)} (peft_hcp.quant.HOST_TYPES)."
+        )
+    return entry
 
 
 def quantization_of(module: Host) -> Optional[HostType]:
-    """The host table entry of a quantized (or low-precision stored) ``module``; ``None`` for a float one."""
-    entry = host_type(module)
-    return None if type(entry) is FloatHost else entry
+    """The host table entry of a quantized (or low-precision stored) ``module``; ``None`` for a float one, or one
+    that no entry knows (a layer without a weight)."""
+    entry = _entry_of(module)
+    return None if entry is _FLOAT else entry
+
+
+def _entry_of(module: Host) -> Optional[HostType]:
+    weight: Any = getattr(module, "weight", None)
+    # the common case first, without the table: what torch.compile traces on every adapted layer
+    if type(weight) in (torch.Tensor, nn.Parameter) and getattr(module, "_diffusers_hook", None) is None:
+        return _FLOAT if weight.is_floating_point() else None
+    return next((entry for entry in HOST_TYPES if entry.matches(module)), None)
 
 
 def dequantized_weight(module: Host) -> torch.Tensor:

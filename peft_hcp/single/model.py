@@ -124,6 +124,8 @@ class HcpSingleModel(HcpTuner):
         """Merge every layer, or (``safe_merge``) none when one of them would get a non-finite weight."""
         self._check_merge_allowed()
         layers = [cast(SinglePluginLayer, layer) for _, layer in self._own_layers()]  # patches refused above
+        for layer in layers:  # a host that cannot take a merge refuses before any layer changes
+            layer.check_mergeable(adapter_names)
         if safe_merge:
             for layer in layers:
                 layer.check_merge(adapter_names)
