@@ -31,11 +31,9 @@ from peft_hcp.selectors import Target
 
 def float_layer(layer: nn.Module) -> nn.Module:
     """A plain ``nn.Linear`` / ``nn.Conv2d`` holding the dequantized weights of the quantized ``layer``, in its
-    compute dtype: what the layer computes, as a layer that trains. A layer on ``meta`` (the meta twin of a load's
-    rehearsal, :mod:`peft_hcp.base.preflight`) gets a ``meta`` layer of its logical shape."""
-    on_meta = layer.weight.is_meta
-    weight = None if on_meta else dequantized_weight(layer).detach()
-    options = dict(bias=layer.bias is not None, device="meta", dtype=torch.float32 if weight is None else weight.dtype)
+    compute dtype: what the layer computes, as a layer that trains."""
+    weight = dequantized_weight(layer).detach()
+    options = dict(bias=layer.bias is not None, device="meta", dtype=weight.dtype)
     if isinstance(layer, nn.Conv2d):
         geometry = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
         twin: nn.Module = nn.Conv2d(
@@ -48,20 +46,19 @@ def float_layer(layer: nn.Module) -> nn.Module:
         )
     else:
         twin = nn.Linear(layer.in_features, layer.out_features, **options)
-    if weight is not None:
-        twin.weight = nn.Parameter(weight.clone())
-        if layer.bias is not None:
-            twin.bias = nn.Parameter(layer.bias.detach().to(weight.dtype).clone())
+    twin.weight = nn.Parameter(weight.clone())
+    if layer.bias is not None:
+        twin.bias = nn.Parameter(layer.bias.detach().to(weight.dtype).clone())
     return twin
 
 
 def _is_quantized(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or isinstance(module, BaseTunerLayer):
-        return False
-    if weight.is_meta and not weight.is_floating_point():  # a load rehearsal's meta twin: the storage, untyped
-        return True
-    return quantization_of(module) is not None
+    return (
+        isinstance(weight, torch.Tensor)
+        and not isinstance(module, BaseTunerLayer)
+        and quantization_of(module) is not None
+    )
 
 
 def clean_copy(module: nn.Module) -> nn.Module:
