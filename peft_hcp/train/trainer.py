@@ -172,7 +172,7 @@ class Trainer:
         if settings.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()
             if self.train_te:
-                self.pipe.text_encoder.gradient_checkpointing_enable()
+                self.pipe.text_encoder.activation_checkpointing_enable()
         self.conditioned = needs_condition(self.pipe)
         self.dataset, self.held_out = make_datasets(
             settings.data, self.resolution, settings.data_size, settings.seed, settings.eval_size, self.conditioned
