@@ -457,28 +457,20 @@ def train_lora_int8(w: Workload) -> Pair:
     return _quantized_lora(w, "int8-torchao", "TorchaoLoraLinear")
 
 
-def _lycoris_quantized(w: Workload, ref: PeftModel, scheme: str) -> Callable[[], object]:
-    """LyCORIS's LoHa on a ``scheme`` base, or :class:`Skip` with what stops it there."""
-    unet = _quantized(w, scheme)
-    try:
-        modules = anchors.lycoris(unet, _targeted(ref), "loha", RANK)
-        step = w.train(modules, lambda: unet(*w.inputs[:2], encoder_hidden_states=w.inputs[2]).sample)
-        step()
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise Skip(
-            f"LyCORIS LoHa does not run on {scheme} layers ({type(exc).__name__}: {exc})".splitlines()[0]
-        ) from exc
-    return step
-
-
 def train_loha_nf4(w: Workload) -> Pair:
-    """HcpLoha against PEFT's LoHa on the same bnb nf4 base; LyCORIS's LoHa as an anchor where it runs."""
+    """HcpLoha against LyCORIS's LoHa (its bypass mode for quantized layers) on the same bnb nf4 base; PEFT's LoHa
+    cannot be the reference: it sizes ΔW from the packed 4-bit storage. HcpLoha on the fp32 base is an anchor."""
     config = HcpLohaConfig(target_modules=["re:" + TRAIN_TARGETS], r=RANK, alpha=RANK)
     hcp = get_peft_model(_quantized(w, "nf4"), config)
-    ref = get_peft_model(_quantized(w, "nf4"), LoHaConfig(target_modules=TRAIN_TARGETS, r=RANK, alpha=RANK))
-    info = {"layers": _same_targets(hcp, ref), "trainable": [_trainable(hcp), _trainable(ref)], **_host_info(w, "nf4")}
-    pair = Pair("PEFT LoHaConfig on the nf4 base", w.train(hcp), w.train(ref), info=info)
-    pair.anchor("LyCORIS LoHa on the nf4 base", lambda: _lycoris_quantized(w, ref, "nf4"))
+    unet = _quantized(w, "nf4")
+    targets = [name.removeprefix("base_model.model.") for name in _adapted_names(hcp)]
+    modules = _as_large_as(anchors.lycoris(unet, targets, "loha", RANK).to(w.device, w.dtype), hcp)
+    bypassed = sum(bool(getattr(m, "bypass_mode", False)) for m in modules)
+    sample, timestep, text = w.inputs
+    ref = w.train(modules, lambda: unet(sample, timestep, encoder_hidden_states=text).sample)
+    info = {"layers": len(targets), "lycoris_bypass_layers": bypassed, **_host_info(w, "nf4")}
+    pair = Pair("LyCORIS LoHa on the nf4 base", w.train(hcp), ref, info=info)
+    pair.anchor("HcpLoha on the fp32 base", lambda: w.train(get_peft_model(w.twin(), config)))
     return pair
 
 
