@@ -16,7 +16,7 @@ from peft_hcp.cli import main
 from peft_hcp.embedded import tiny_unet, unet_inputs
 from peft_hcp.quant import quantization_of
 from peft_hcp.train import Trainer, load_settings
-from tests.helpers import ROOT, unet_out
+from tests.helpers import ROOT, run_python, unet_out
 
 
 LORA = os.path.join(ROOT, "configs", "lora.yaml")
@@ -72,3 +72,20 @@ def test_gradient_checkpointing_gives_the_gradients_of_a_plain_step(tmp_path):
         trainer.loss(trainer.batches.draw(1, 0)).backward()
         grads.append([p.grad.clone() for group in trainer.optimizer.param_groups for p in group["params"]])
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_a_scheme_whose_quantizer_is_missing_names_the_package_and_the_extra(tmp_path):
+    """Without the ``quant`` extra: one line naming the package, exit code 2 (bitsandbytes hidden from a fresh process)."""
+    result = run_python(
+        "sys.modules['bitsandbytes'] = None\nfrom peft_hcp.cli import main\nsys.exit(main(sys.argv[1:]))",
+        "train",
+        LORA,
+        f"output_dir={tmp_path}",
+        "quantize=nf4",
+        *FAST,
+        check=False,
+        timeout=240,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("peft-hcp: error: ") and "'bitsandbytes'" in last and "peft-hcp[quant]" in last, last
