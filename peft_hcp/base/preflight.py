@@ -36,7 +36,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from peft_hcp.base.files import read_header
 from peft_hcp.base.fit import check_state_dict
-from peft_hcp.errors import PEFT_HCP_ERRORS, CheckpointError, UnsupportedLayerError
+from peft_hcp.errors import PEFT_HCP_ERRORS, CheckpointError
+from peft_hcp.quant.hosts import quantization_of
 
 
 _PEFT_PREFIX = "base_model.model."
@@ -57,7 +58,8 @@ def meta_twins(modules: Sequence[nn.Module]) -> list[nn.Module]:
 
     A twin is a new object of each module's class whose ``__dict__`` is a copy of the module's, with its own
     copies of the dicts, lists and sets there (children, parameters, buffers, hooks, ``peft_config``); its
-    children are twins, its parameters and buffers empty tensors of the same shape and dtype on ``meta``.
+    children are twins, its parameters and buffers empty tensors of the same shape and dtype on ``meta`` (a
+    quantized weight's twin is a float one of its logical shape and compute dtype, see :mod:`peft_hcp.quant`).
     Other attributes are shared with the module, read-only by convention: attaching never writes to them.
     """
     done: dict[int, Any] = {}
@@ -74,13 +76,15 @@ def meta_twins(modules: Sequence[nn.Module]) -> list[nn.Module]:
 
     def twin_of(module: nn.Module) -> nn.Module:
         if id(module) not in done:
-            weight = module._parameters.get("weight")
-            quantized = None if weight is None or id(weight) in done else _quantized_weight_twin(module, weight)
-            if quantized is not None:
-                done[id(weight)] = quantized
             twin = done[id(module)] = type(module).__new__(type(module))
             state = {k: type(v)(v) if type(v) in _MUTABLE else v for k, v in vars(module).items()}
             state["_parameters"] = {k: meta(v) for k, v in module._parameters.items()}
+            quantized = quantization_of(module)
+            if quantized is not None:  # a float weight of the logical shape: what the constructors read
+                logical = torch.empty(
+                    quantized.weight_shape(module), dtype=quantized.compute_dtype(module), device="meta"
+                )
+                state["_parameters"]["weight"] = nn.Parameter(logical, requires_grad=False)
             state["_buffers"] = {k: meta(v) for k, v in module._buffers.items()}
             state["_modules"] = {k: None if v is None else twin_of(v) for k, v in module._modules.items()}
             twin.__dict__.update(state)
@@ -90,22 +94,6 @@ def meta_twins(modules: Sequence[nn.Module]) -> list[nn.Module]:
 
 
 _MUTABLE = (dict, OrderedDict, list, set)
-
-
-def _quantized_weight_twin(module: nn.Module, weight: torch.Tensor) -> Optional[nn.Parameter]:
-    """The twin of a quantized host's weight (:mod:`peft_hcp.quant`): a float meta tensor of its logical shape, in
-    its compute dtype (the packed bytes of its storage would give an adapter the wrong shapes, and the quantizer's
-    tensor type does not exist on ``meta``); ``None`` for any other weight, which is twinned as it is."""
-    if type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point():
-        return None
-    from peft_hcp.quant import host_type
-
-    try:
-        host = host_type(module)
-    except UnsupportedLayerError:  # a non-float weight of no quantizer: its own shape and dtype
-        return None
-    empty = torch.empty(host.weight_shape(module), dtype=host.compute_dtype(module), device="meta")
-    return nn.Parameter(empty, requires_grad=False)
 
 
 def operation_budget(header_size: int) -> int:

@@ -123,6 +123,7 @@ class HostType:
 
     def requantize(self, host: Host, weight: torch.Tensor) -> None:
         """Store the float ``weight`` in the host, in the host's own format (a merge)."""
+        self.check_requantize(host)
         raise MergeNotSupportedError(f"Cannot merge into a {self.name(host)} host.")
 
     def snapshot(self, host: Host) -> StorageSnapshot:
@@ -396,9 +397,6 @@ class GgufHost(HostType):
             "their place would silently change the model. Keep the adapter unmerged (as GGUF LoRAs are served), "
             "or merge into the float model before converting it to GGUF."
         )
-
-    def requantize(self, host: Host, weight: torch.Tensor) -> None:
-        self.check_requantize(host)
 
 
 def _short(dtype: torch.dtype) -> str:

@@ -7,7 +7,8 @@ A block is written as in HCP-Diffusion, and takes one of two routes:
     output. LoRA: ``fea_out + up(down(fea_in[0])) * scaling``.
 *parameter route* (``hook_param = "weight"``)
     ``forward(host_param)`` gets the host's parameter and returns the one the host computes with.
-    LoHa: ``host_param + delta``.
+    LoHa: ``host_param + delta``. On a quantized host (:mod:`peft_hcp.quant.hosts`) it gets the dequantized
+    weight, in the host's compute dtype.
 
 ``wrapable_classes`` lists the host types the block attaches to; a selector that picks a container
 (an attention module, ``''`` for the whole model) attaches to every such layer inside it.

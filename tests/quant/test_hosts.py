@@ -79,9 +79,10 @@ def inputs() -> torch.Tensor:
     return torch.randn(8, IN, generator=torch.Generator().manual_seed(2))
 
 
-def host_error(scheme: str) -> float:
+def host_error(scheme: str, eval_mode: bool = False) -> float:
     """How far the quantized host's own output is from the float layer holding its dequantized weight."""
     model, reference = quantized_and_reference(scheme)
+    model.train(not eval_mode)
     with torch.no_grad():
         return float((model(inputs()) - reference(inputs())).abs().max())
 
