@@ -52,15 +52,6 @@ def float_layer(layer: nn.Module) -> nn.Module:
     return twin
 
 
-def _is_quantized(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return (
-        isinstance(weight, torch.Tensor)
-        and not isinstance(module, BaseTunerLayer)
-        and quantization_of(module) is not None
-    )
-
-
 def clean_copy(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` without its forward hooks, with PEFT tuner layers unwrapped to their base and
     quantized layers (:mod:`peft_hcp.quant`) as float layers of their dequantized weights (:func:`float_layer`):
@@ -70,7 +61,11 @@ def clean_copy(module: nn.Module) -> nn.Module:
         for attr in HOOK_TABLES:
             m.__dict__[attr] = OrderedDict()
     # deepcopy takes what its memo holds for an object instead of copying it
-    floats: dict[int, Any] = {id(m): float_layer(m) for m in module.modules() if _is_quantized(m)}
+    floats: dict[int, Any] = {
+        id(m): float_layer(m)
+        for m in module.modules()
+        if not isinstance(m, BaseTunerLayer) and quantization_of(m) is not None
+    }
     try:
         clone = copy.deepcopy(module, floats)
     finally:

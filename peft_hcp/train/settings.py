@@ -63,9 +63,7 @@ class RunSettings:
     batch_size: int = 4  # per process, per micro-batch
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
-    quantize: Optional[str] = (
-        None  # nf4 | fp4 | int8 | fp8 | ... (peft_hcp.quant.SCHEMES): the UNet's Linears; None = float
-    )
+    quantize: Optional[str] = None  # the UNet's Linears: nf4 | fp4 | int8 | fp8 | ... (peft_hcp.quant.SCHEMES)
     gradient_checkpointing: bool = False  # recompute the UNet's (and a trained text encoder's) blocks in backward
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0

@@ -83,9 +83,7 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {
         name: m
         for name, m in model.named_modules()
-        if isinstance(getattr(m, "weight", None), torch.Tensor)
-        and not isinstance(m, BaseTunerLayer)
-        and quantization_of(m) is not None
+        if not isinstance(m, BaseTunerLayer) and quantization_of(m) is not None
     }
 
 

@@ -51,11 +51,7 @@ def quantized_and_reference(build, scheme: str) -> tuple[nn.Module, nn.Module]:
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {
-        n: m
-        for n, m in model.named_modules()
-        if isinstance(getattr(m, "weight", None), torch.Tensor) and quant.quantization_of(m) is not None
-    }
+    return {n: m for n, m in model.named_modules() if quant.quantization_of(m) is not None}
 
 
 def storage(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
