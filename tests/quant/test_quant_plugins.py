@@ -120,10 +120,13 @@ def test_controlnet_copy_is_float_and_computes_what_it_does_on_the_dequantized_h
     check_trained_plugin_only(model, host_params, layers, before, forward)
 
 
+#: quantized layers under every scheme (in_features 128): the input of one feeds the output of the other
+SKIP_FROM = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"
+SKIP_TO = "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2"
 PLUGINS = {
     "skip": HcpSkipConfig(
-        from_layer=["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"],
-        to_layer=["down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"],
+        from_layer=[SKIP_FROM],
+        to_layer=[SKIP_TO],
         init_weights=False,
     ),
     "prelu": HcpPReLUConfig(target_modules=["re:.*nonlinearity"], init_weights=False),
@@ -135,6 +138,7 @@ PLUGINS = {
 def test_skip_and_patch_plugins_on_quantized_modules(plugin, scheme):
     host, reference = quantized_and_reference(tiny_unet, scheme)
     layers = quantized_layers(host)
+    assert {SKIP_FROM, SKIP_TO} <= set(layers)
     before, host_params = storage(layers), {id(p) for p in host.parameters()}
     batch = unet_inputs()
     with torch.no_grad():
