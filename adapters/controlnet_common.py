@@ -25,17 +25,49 @@ from peft_hcp.base.fit import check_state_dict
 from peft_hcp.base.snapshot import HOOK_TABLES
 from peft_hcp.errors import CheckpointError
 from peft_hcp.hooked import MultiPluginBlock
+from peft_hcp.quant import dequantized_weight, quantization_of
 from peft_hcp.selectors import Target
 
 
+def float_layer(layer: nn.Module) -> nn.Module:
+    """A plain ``nn.Linear`` / ``nn.Conv2d`` holding the dequantized weights of the quantized ``layer``, in its
+    compute dtype: what the layer computes, as a layer that trains."""
+    weight = dequantized_weight(layer).detach()
+    options = dict(bias=layer.bias is not None, device="meta", dtype=weight.dtype)
+    if isinstance(layer, nn.Conv2d):
+        geometry = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+        twin: nn.Module = nn.Conv2d(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            padding_mode=layer.padding_mode,
+            **geometry,
+            **options,
+        )
+    else:
+        twin = nn.Linear(layer.in_features, layer.out_features, **options)
+    twin.weight = nn.Parameter(weight.clone())
+    if layer.bias is not None:
+        twin.bias = nn.Parameter(layer.bias.detach().to(weight.dtype).clone())
+    return twin
+
+
 def clean_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` without its forward hooks and with PEFT tuner layers unwrapped to their base."""
+    """A deep copy of ``module`` without its forward hooks, with PEFT tuner layers unwrapped to their base and
+    quantized layers (:mod:`peft_hcp.quant`) as float layers of their dequantized weights (:func:`float_layer`):
+    quantized storage neither trains nor deep-copies (a ``GGUFParameter`` cannot)."""
     saved = [(m, {attr: m.__dict__[attr] for attr in HOOK_TABLES}) for m in module.modules()]
     for m, _ in saved:
         for attr in HOOK_TABLES:
             m.__dict__[attr] = OrderedDict()
+    # deepcopy takes what its memo holds for an object instead of copying it
+    floats: dict[int, Any] = {
+        id(m): float_layer(m)
+        for m in module.modules()
+        if not isinstance(m, BaseTunerLayer) and quantization_of(m) is not None
+    }
     try:
-        clone = copy.deepcopy(module)
+        clone = copy.deepcopy(module, floats)
     finally:
         for m, hooks in saved:
             m.__dict__.update(hooks)

@@ -130,13 +130,14 @@ def saved_for_backward(forward: Callable[[], object], weights: Iterable[torch.Te
     and the same on every run. Weights (parameters, buffers) are left out: they stay resident
     whether or not anything is trained.
     """
-    skip = {weight.untyped_storage().data_ptr() for weight in weights}
+    skip = {part.untyped_storage().data_ptr() for weight in weights for part in plain_parts(weight)}
     sizes: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in skip:
-            sizes[storage.data_ptr()] = storage.nbytes()
+        for part in plain_parts(tensor):
+            storage = part.untyped_storage()
+            if storage.data_ptr() not in skip:
+                sizes[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -144,3 +145,12 @@ def saved_for_backward(forward: Callable[[], object], weights: Iterable[torch.Te
     total = sum(sizes.values())
     del output
     return total
+
+
+def plain_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``tensor``'s data: itself, or the inner tensors of a tensor subclass (torchao's
+    quantized weights), which own no storage of their own."""
+    if not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [part for name in names for part in plain_parts(getattr(tensor, name))]

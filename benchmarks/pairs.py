@@ -10,6 +10,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from peft import LoHaConfig, LoraConfig, PeftModel, get_peft_model
@@ -18,6 +19,7 @@ from torch import nn
 
 from benchmarks import anchors
 from benchmarks.anchors import Skip, need
+from benchmarks.measure import plain_parts
 from benchmarks.workload import TRAIN_TARGETS, Workload
 from peft_hcp import HcpLohaConfig, HcpLoraConfig
 
@@ -399,6 +401,79 @@ def hotswap(w: Workload) -> Pair:
     return Pair("unload + load + recompile", swap, reload, fresh=True, info=info)
 
 
+def _quantized(w: Workload, scheme: str) -> nn.Module:
+    """A twin of the base whose Linear layers are quantized with ``scheme`` (:func:`peft_hcp.quant.quantize_model`);
+    PEFT picks its bnb 4-bit LoRA layer only on a model flagged as loaded in 4 bit, as transformers flags one."""
+    model = w.twin()
+    need("peft_hcp.quant").quantize_model(model, scheme)
+    model.is_loaded_in_4bit = scheme in ("nf4", "fp4")
+    return model
+
+
+def _bytes(model: nn.Module, names: Optional[list[str]] = None) -> int:
+    """Bytes of the state (weights, biases, quantization state) of the layers ``names`` of ``model``, or of all."""
+    modules = [model] if names is None else [model.get_submodule(name) for name in names]
+    tensors = [t for module in modules for t in module.state_dict().values()]
+    return sum(part.numel() * part.element_size() for t in tensors for part in plain_parts(t))
+
+
+def _host_info(w: Workload, scheme: str) -> dict:
+    """How many layers ``scheme`` quantizes and their bytes, and the whole UNet's, against the fp32 base."""
+    host = _quantized(w, scheme)
+    quantization_of = need("peft_hcp.quant").quantization_of
+    quantized = [n for n, m in host.named_modules() if isinstance(m, nn.Linear) and quantization_of(m) is not None]
+    return {
+        "quantized_layers": len(quantized),
+        "quantized_vs_fp32_bytes": _bytes(host, quantized) / _bytes(w.base, quantized),
+        "model_vs_fp32_bytes": _bytes(host) / _bytes(w.base),
+    }
+
+
+def _quantized_lora(w: Workload, scheme: str, reference: str) -> Pair:
+    """HcpLora (dropout 0.1) against PEFT's LoRA layer for the quantized host, both on a ``scheme`` base; the
+    HcpLora on the fp32 base is an anchor (what quantizing costs in time and peak memory)."""
+    hcp_config = HcpLoraConfig(target_modules=["re:" + TRAIN_TARGETS], r=RANK, alpha=RANK, dropout=DROPOUT)
+    hcp = get_peft_model(_quantized(w, scheme), hcp_config)
+    ref_config = LoraConfig(target_modules=TRAIN_TARGETS, r=RANK, lora_alpha=RANK, lora_dropout=DROPOUT)
+    ref = get_peft_model(_quantized(w, scheme), ref_config)
+    ref_layers = sorted(
+        {type(m).__module__ + "." + type(m).__name__ for m in ref.modules() if isinstance(m, BaseTunerLayer)}
+    )
+    if not any(name.endswith(reference) for name in ref_layers):
+        raise AssertionError(f"PEFT did not dispatch its {reference} layer: {ref_layers}")
+    info = {"layers": _same_targets(hcp, ref), "ref_layers": ref_layers, "dropout": DROPOUT, **_host_info(w, scheme)}
+    pair = Pair(f"PEFT {reference}, lora_dropout={DROPOUT}", w.train(hcp), w.train(ref), info=info)
+    pair.anchor("HcpLora on the fp32 base", lambda: w.train(get_peft_model(w.twin(), hcp_config)))
+    return pair
+
+
+def train_lora_nf4(w: Workload) -> Pair:
+    """On bnb nf4 ``Linear4bit`` layers, against ``peft.tuners.lora.bnb.Linear4bit``."""
+    return _quantized_lora(w, "nf4", "bnb.Linear4bit")
+
+
+def train_lora_int8(w: Workload) -> Pair:
+    """On torchao int8 weight-only layers, against ``peft.tuners.lora.torchao.TorchaoLoraLinear``."""
+    return _quantized_lora(w, "int8-torchao", "TorchaoLoraLinear")
+
+
+def train_loha_nf4(w: Workload) -> Pair:
+    """HcpLoha against LyCORIS's LoHa (its bypass mode for quantized layers) on the same bnb nf4 base; PEFT's LoHa
+    cannot be the reference: it sizes ΔW from the packed 4-bit storage. HcpLoha on the fp32 base is an anchor."""
+    config = HcpLohaConfig(target_modules=["re:" + TRAIN_TARGETS], r=RANK, alpha=RANK)
+    hcp = get_peft_model(_quantized(w, "nf4"), config)
+    unet = _quantized(w, "nf4")
+    targets = [name.removeprefix("base_model.model.") for name in _adapted_names(hcp)]
+    modules = _as_large_as(anchors.lycoris(unet, targets, "loha", RANK).to(w.device, w.dtype), hcp)
+    bypassed = sum(bool(getattr(m, "bypass_mode", False)) for m in modules)
+    sample, timestep, text = w.inputs
+    ref = w.train(modules, lambda: unet(sample, timestep, encoder_hidden_states=text).sample)
+    info = {"layers": len(targets), "lycoris_bypass_layers": bypassed, **_host_info(w, "nf4")}
+    pair = Pair("LyCORIS LoHa on the nf4 base", w.train(hcp), ref, info=info)
+    pair.anchor("HcpLoha on the fp32 base", lambda: w.train(get_peft_model(w.twin(), config)))
+    return pair
+
+
 PAIRS: dict[str, Callable[[Workload], Pair]] = {
     "train_lora": train_lora,
     "train_lora_dropout": train_lora_dropout,
@@ -415,4 +490,7 @@ PAIRS: dict[str, Callable[[Workload], Pair]] = {
     "compile_lora": compile_lora,
     "compile_kinds": compile_kinds,
     "hotswap": hotswap,
+    "train_lora_nf4": train_lora_nf4,
+    "train_lora_int8": train_lora_int8,
+    "train_loha_nf4": train_loha_nf4,
 }

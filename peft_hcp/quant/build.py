@@ -108,8 +108,9 @@ def _gguf(type_name: str) -> Callable[[nn.Linear], nn.Module]:
 
 #: the schemes :func:`quantize_model` knows, by name
 SCHEMES: dict[str, Scheme] = {
-    "nf4": Scheme("bitsandbytes", _bnb_4bit("nf4", double_quant=True)),
-    "fp4": Scheme("bitsandbytes", _bnb_4bit("fp4", double_quant=False)),
+    # bnb's CPU repacking at the first eval forward needs whole 64-value blocks per row (in_features % 64 == 0)
+    "nf4": Scheme("bitsandbytes", _bnb_4bit("nf4", double_quant=True), in_multiple=64),
+    "fp4": Scheme("bitsandbytes", _bnb_4bit("fp4", double_quant=False), in_multiple=64),
     "int8": Scheme("bitsandbytes", _bnb_int8),
     "int8-torchao": Scheme("torchao", _torchao("Int8WeightOnlyConfig")),
     "int8-dynamic-torchao": Scheme("torchao", _torchao("Int8DynamicActivationInt8WeightConfig")),

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from peft_hcp.errors import PeftHcpError
+from peft_hcp.quant import SCHEMES
 from peft_hcp.train.concept import PALETTE_NAMES, named_in
 from peft_hcp.train.data import CONCEPT_COLOUR, HELD_OUT_KINDS
 from peft_hcp.train.plugins import SECTIONS
@@ -62,6 +63,8 @@ class RunSettings:
     batch_size: int = 4  # per process, per micro-batch
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
+    quantize: Optional[str] = None  # the UNet's Linears: nf4 | fp4 | int8 | fp8 | ... (peft_hcp.quant.SCHEMES)
+    gradient_checkpointing: bool = False  # recompute the UNet's (and a trained text encoder's) blocks in backward
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     save_every: int = 20  # checkpoint every N steps (and at the end)
@@ -131,6 +134,8 @@ def _check(settings: DictConfig) -> None:
             raise SettingsError(f"{key} must be a non-negative integer, got {settings[key]!r}.")
     if settings.mixed_precision not in ("no", "bf16", "fp16"):
         raise SettingsError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {settings.mixed_precision!r}.")
+    if settings.quantize is not None and settings.quantize not in SCHEMES:
+        raise SettingsError(f"quantize must be one of {', '.join(SCHEMES)}, got {settings.quantize!r}.")
     if settings.sample.conditions < 2:
         raise SettingsError(
             f"sample.conditions must be at least 2 (the chance level pairs each with another one), "

@@ -101,6 +101,15 @@ def _has_accelerator_device() -> bool:
     return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
 
 
+def _keep_training_layout(model: torch.nn.Module) -> None:
+    """Keep bnb 4-bit layers in the layout they train in. On a CPU with AVX512-BF16, bitsandbytes repacks a
+    ``Linear4bit`` weight for bf16 inference at its first eval ``no_grad`` forward (the eval loss, the samples),
+    and its packed kernel cannot train afterwards; without the repack, evaluation computes as training does."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 class Batches:
     """Tokenised micro-batches with their noise and timesteps, drawn deterministically per step."""
 
@@ -152,9 +161,18 @@ class Trainer:
         self.pipe = load_pipeline(settings.pretrained_model)
         self.pipe.set_progress_bar_config(disable=True)
         self.resolution = settings.resolution or default_resolution(self.pipe)
+        if settings.quantize is not None:  # before the plugins attach, so that they wrap the quantized layers
+            from peft_hcp.quant import quantize_model
+
+            quantize_model(self.pipe.unet, settings.quantize)
+            _keep_training_layout(self.pipe.unet)
         self.groups = attach_plugins(pipeline_components(self.pipe), entries)
         self.entries = entries
         self.train_te = any(e.component == "text_encoder" for e in entries)
+        if settings.gradient_checkpointing:
+            self.pipe.unet.enable_gradient_checkpointing()
+            if self.train_te:
+                self.pipe.text_encoder.activation_checkpointing_enable()
         self.conditioned = needs_condition(self.pipe)
         self.dataset, self.held_out = make_datasets(
             settings.data, self.resolution, settings.data_size, settings.seed, settings.eval_size, self.conditioned
