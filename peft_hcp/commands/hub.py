@@ -2,8 +2,8 @@
 
 * ``push DIR REPO_ID`` uploads a saved adapter set (or PEFT adapter folder) with a model card.
 * ``export DIR --format kohya|comfyui|diffusers --out PATH`` loads the set onto the base pipeline and writes its
-  low-rank adapters as one kohya/webui file, one file in the layout ComfyUI reads for the pipeline's family, or a
-  diffusers LoRA folder.
+  low-rank adapters as one kohya/webui file, one file in the layout ComfyUI reads for the pipeline's family
+  (``--component transformer_2``: Wan 2.2's second transformer, a file of its own), or a diffusers LoRA folder.
 * ``import FILE --out DIR`` reads a kohya/webui/LyCORIS file or an HCP-Diffusion LoRA plugin checkpoint onto the
   base pipeline and saves it as an adapter set (``--alpha-is-scale`` for HCP's webui exports; ``--component
   transformer_2`` for Wan 2.2's second transformer, or the component of an HCP checkpoint of one bare model).
@@ -40,6 +40,11 @@ def add_parser(subparsers) -> None:
     export.add_argument("--format", choices=("kohya", "comfyui", "diffusers"), required=True)
     export.add_argument("--out", required=True, help="kohya, comfyui: a .safetensors file; diffusers: a folder")
     export.add_argument("--pretrained-model", default=None)
+    export.add_argument(
+        "--component",
+        default=None,
+        help="comfyui: transformer_2 writes the file of Wan 2.2's second transformer (ComfyUI loads each on its own)",
+    )
     export.set_defaults(func=_export)
 
     imp = subparsers.add_parser("import", help="read a kohya/webui/LyCORIS or HCP-Diffusion file into an adapter set")
@@ -116,10 +121,15 @@ def _export(args: argparse.Namespace) -> int:
     from peft_hcp.adapter_set import load_adapter
     from peft_hcp.hub.interchange import export_comfyui, export_diffusers, export_kohya
 
+    if args.component is not None and args.format != "comfyui":
+        raise ValueError(f"--component is for --format comfyui; a {args.format} export writes every component.")
     pipe = _pipeline(args.pretrained_model)
     load_adapter(pipe, args.adapter)
-    if args.format in ("kohya", "comfyui"):
-        (export_kohya if args.format == "kohya" else export_comfyui)(pipe, args.out)
+    if args.format == "comfyui":
+        export_comfyui(pipe, args.out, component=args.component)
+        print(args.out)
+    elif args.format == "kohya":
+        export_kohya(pipe, args.out)
         print(args.out)
     else:
         print(export_diffusers(pipe, args.out))

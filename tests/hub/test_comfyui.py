@@ -297,14 +297,12 @@ def test_wan22_experts_export_to_a_file_each(tmp_path):
     with pytest.raises(ValueError, match="transformer_2 also carries adapters.*component='transformer_2'"):
         export_comfyui(pipe, str(tmp_path / "high.safetensors"))
     path = str(tmp_path / "low.safetensors")
-    with pytest.raises(ValueError, match="transformer also carries adapters"):
-        export_comfyui(pipe, path, component="transformer_2")
-    export_comfyui(pipe, path, adapter_names=["low"], component="transformer_2")
+    export_comfyui(pipe, path, component="transformer_2")  # the named expert's adapters only
     comfy = tiny_wan(seed=1)
     apply_as_comfyui(comfy, path, wan_targets(comfy, sorted(file_layers(path))))
     assert {"blocks.0.ffn.0", "blocks.1.self_attn.v", "blocks.1.cross_attn.v"} <= set(file_layers(path))
     torch.testing.assert_close(_out(comfy, inputs), _out(pipe.transformer_2, inputs), rtol=1e-5, atol=1e-5)
-    export_comfyui(pipe, str(tmp_path / "high.safetensors"), adapter_names=["high"])
+    export_comfyui(pipe, str(tmp_path / "high.safetensors"), component="transformer")
     assert sorted(file_layers(str(tmp_path / "high.safetensors"))) == [
         f"blocks.{i}.{a}.q" for i in "01" for a in ("cross_attn", "self_attn")
     ]

@@ -110,3 +110,28 @@ def test_export_kohya_points_transformer_2_to_the_comfyui_export(tmp_path):
         export_kohya(pipe, str(tmp_path / "wan.safetensors"))
     assert not (tmp_path / "wan.safetensors").exists()
     assert all(torch.equal(before[k], v) for k, v in pipe.transformer_2.state_dict().items())
+
+
+def test_cli_exports_each_transformer_of_a_wan22_set_to_its_comfyui_file(tmp_path):
+    from safetensors.torch import load_file
+
+    from peft_hcp.cli import main
+    from peft_hcp.hub.interchange import export_comfyui
+
+    pipe = tiny_wan22_pipeline()
+    pipe.save_pretrained(str(tmp_path / "wan22"))
+    attach(pipe.transformer, HcpLoraConfig(target_modules=["re:.*attn1\\.to_[qk]$"], r=2, init_weights=False), "high")
+    attach(pipe.transformer_2, HcpLoraConfig(target_modules=["re:.*attn2\\.to_v$"], r=4, init_weights=False), "low")
+    save_adapter(pipe, str(tmp_path / "set"))
+    base = ["export", str(tmp_path / "set"), "--format", "comfyui", "--pretrained-model", str(tmp_path / "wan22")]
+    for component in ("transformer", "transformer_2"):
+        out = str(tmp_path / f"{component}.safetensors")
+        assert main([*base, "--out", out, "--component", component]) == 0
+        expected = export_comfyui(pipe, str(tmp_path / f"direct_{component}.safetensors"), component=component)
+        written = load_file(out)
+        assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in written)
+    assert "diffusion_model.blocks.0.cross_attn.v.lora_up.weight" in load_file(
+        str(tmp_path / "transformer_2.safetensors")
+    )
+    kohya = ["export", str(tmp_path / "set"), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")]
+    assert main([*kohya, "--component", "transformer_2"]) == 2

@@ -237,13 +237,15 @@ def export_comfyui(
     refused, naming it and the layer; nothing is written then.
 
     ComfyUI loads each of Wan 2.2's two experts as a model of its own, with a file of its own:
-    ``component="transformer_2"`` writes the second expert's file (the text encoders go with the first's).
+    ``component="transformer_2"`` writes the second expert's file, ``component="transformer"`` the first's with the
+    text encoders; without ``component``, adapters on the second expert are refused rather than left out.
     """
     components = interchange_components(target)
     if not isinstance(target, nn.Module):  # every denoiser of the pipeline (Wan 2.2's transformer_2 too)
         every = pipeline_components(target, None)
         components.update({c: m for c, m in every.items() if c.startswith(_DENOISER_NAMES) and c not in components})
-    name = component or next((c for c in DENOISERS if c in components), None)
+    first = next((c for c in DENOISERS if c in components), None)
+    name = component or first
     if name is not None and name not in components:
         raise ValueError(f"{type(target).__name__} has no component {name!r}.")
     family = family_of(components[name]) if name is not None else None
@@ -253,13 +255,13 @@ def export_comfyui(
         return export_kohya(target, path, adapter_names)
     others = [c for c in components if c != name and not c.startswith("text_encoder")]
     left = [c for c in others if _one_block_per_module(components[c], adapter_names)]
-    if left:
+    if left and component is None:  # named by hand, the other denoisers' files are the caller's next calls
         raise ValueError(
             f"{', '.join(left)} also carries adapters; ComfyUI loads each denoiser with a file of its own: export "
             f"them with component={left[0]!r}."
         )
     tensors = _denoiser_tensors(components[name], family, adapter_names)
-    if component is None:
+    if name == first:  # the text encoders go with the first denoiser's file
         tensors.update(_text_encoder_tensors(components, family, adapter_names))
     if not tensors:
         raise ValueError(f"{type(target).__name__} has no low-rank adapters to export.")
