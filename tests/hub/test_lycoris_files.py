@@ -10,9 +10,10 @@ from safetensors.torch import load_file, save_file
 
 from peft_hcp import HcpLokrConfig
 from peft_hcp.embedded import tiny_unet, unet_inputs
+from peft_hcp.errors import CheckpointError
 from peft_hcp.hub import attach
 from peft_hcp.hub.interchange import export_kohya, import_kohya
-from tests.helpers import lycoris_network, unet_out
+from tests.helpers import assert_model_unchanged, lycoris_network, model_snapshot, tiny_pipeline, unet_out
 
 
 lycoris = pytest.importorskip("lycoris.wrapper")
@@ -42,9 +43,12 @@ def _layouts(tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
     return {layer: tuple(sorted(parts)) for layer, parts in layouts.items()}
 
 
-def _lycoris_file(algo: str, settings: dict, path: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """A random network LyCORIS makes on the tiny UNet, saved by LyCORIS under kohya's UNet names (LyCORIS names
-    a bare model's layers ``lycoris_…``); its tensors and the UNet's output with LyCORIS's network applied."""
+def _lycoris_file(
+    algo: str, settings: dict, path: str, kohya_names: bool = True
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A random network LyCORIS makes on the tiny UNet, saved by LyCORIS (which names a bare model's layers
+    ``lycoris_…``), then under kohya's UNet names unless ``kohya_names`` is false; its tensors and the UNet's
+    output with LyCORIS's network applied."""
     torch.manual_seed(0)
     reference = tiny_unet()
     network = lycoris.create_lycoris(reference, 1.0, algo=algo, **settings)
@@ -53,8 +57,10 @@ def _lycoris_file(algo: str, settings: dict, path: str) -> tuple[dict[str, torch
         for param in network.parameters():
             param.normal_(std=0.2)
     network.save_weights(path, None, None)
-    tensors = {key.replace("lycoris_", "lora_unet_", 1): value for key, value in load_file(path).items()}
-    save_file(tensors, path)
+    tensors = load_file(path)
+    if kohya_names:
+        tensors = {key.replace("lycoris_", "lora_unet_", 1): value for key, value in tensors.items()}
+        save_file(tensors, path)
     return tensors, unet_out(reference, unet_inputs())
 
 
@@ -121,3 +127,37 @@ def test_lycoris_loads_an_exported_adapter_with_patterns(tmp_path):
     reference = tiny_unet()
     lycoris_network(tensors, reference).apply_to()
     torch.testing.assert_close(unet_out(reference, unet_inputs()), out, atol=1e-5, rtol=0)
+
+
+def test_a_file_as_lycoris_names_a_bare_model_goes_on_the_component_it_fits(tmp_path):
+    """``lycoris_<module path>``: LyCORIS's names for the model it wrapped, on a bare UNet or the pipeline's UNet."""
+    path = str(tmp_path / "lycoris.safetensors")
+    written, expected = _lycoris_file("lokr", {}, path, kohya_names=False)
+    assert all(key.startswith("lycoris_") for key in written)
+    layers = {key.partition(".")[0] for key in written}
+    unet = tiny_unet()
+    assert list(import_kohya(unet, path)) == ["unet"]
+    assert {f"lycoris_{name.replace('.', '_')}" for name in unet.peft_config["default"].target_modules} == layers
+    torch.testing.assert_close(unet_out(unet, unet_inputs()), expected, atol=1e-5, rtol=0)
+    pipe = tiny_pipeline()
+    pipe.unet.load_state_dict(tiny_unet().state_dict())
+    placed = import_kohya(pipe, path)
+    assert list(placed) == ["unet"] and len(placed["unet"]) == len(layers)
+    torch.testing.assert_close(unet_out(pipe.unet, unet_inputs()), expected, atol=1e-5, rtol=0)
+
+
+def test_lycoris_layers_that_fit_no_component_are_refused_by_name(tmp_path):
+    path = str(tmp_path / "lycoris.safetensors")
+    written, _ = _lycoris_file("lora", {"linear_dim": 2}, path, kohya_names=False)
+    layer = next(iter(written)).partition(".")[0]
+    save_file(
+        {**written, **{k.replace(layer, "lycoris_no_such_layer"): v.clone() for k, v in written.items() if layer in k}},
+        path,
+    )
+    unet = tiny_unet()
+    before = model_snapshot(unet, lambda m: unet_out(m, unet_inputs()))
+    with pytest.raises(
+        CheckpointError, match=r"1 LyCORIS layer\(s\) match no layer of this unet: lycoris_no_such_layer\."
+    ):
+        import_kohya(unet, path)
+    assert_model_unchanged(before, unet)

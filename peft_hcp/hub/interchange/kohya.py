@@ -48,8 +48,10 @@ from peft_hcp.hub.interchange.stock import (
 from peft_hcp.single.lowrank import LowRankBlock, lowrank_type_of, lowrank_types
 
 
+#: how LyCORIS's own wrapper (``create_lycoris(model)``) names a bare model's layers: ``lycoris_<module path>``
+_LYCORIS = "lycoris_"
 #: how kohya/LyCORIS layer names start (``lora_unet_…``, ``lora_te1_…``, ``lycoris_…``)
-_KOHYA_STARTS = ("lora_", "lycoris_")
+_KOHYA_STARTS = ("lora_", _LYCORIS)
 
 
 def export_kohya(target, path: str, adapter_names: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
@@ -149,7 +151,10 @@ def _import_kohya(
         layer, _, suffix = key.partition(".")
         layers[layer][suffix] = value
     rows = {layer: max(v.shape[0] for k, v in parts.items() if k != "alpha") for layer, parts in layers.items()}
-    places = stock_targets(list(layers), loader, components, rows=rows)
+    places = _lycoris_places(path, [layer for layer in layers if layer.startswith(_LYCORIS)], components)
+    if len(places) < len(layers):
+        rest = [layer for layer in layers if layer not in places]
+        places.update(stock_targets(rest, loader, components, rows=rows))
     unknown = sorted(layer for layer in layers if layer not in places)
     if unknown:
         raise CheckpointError(
@@ -176,6 +181,29 @@ def _import_kohya(
             by_component[component][name] = parts
             labels[name] = f"a split fused layer ({name})"
     return install_layers(components, by_component, labels, block_cls, adapter_name, is_trainable, path)
+
+
+def _lycoris_places(path: str, layers: list[str], components: dict[str, nn.Module]) -> dict[str, list[tuple[str, str]]]:
+    """Where ``lycoris_…`` layers go: the one component whose layers they all name (no stock loader reads them).
+
+    LyCORIS names the layers of the model it wrapped, whichever it was, so the file does not say which component
+    that was; a file whose layers fit no component, or several, is refused.
+    """
+    if not layers:
+        return {}
+    tables = {component: kohya_name_table(module, _LYCORIS[:-1]) for component, module in components.items()}
+    unknown = [layer for layer in layers if not any(layer in table for table in tables.values())]
+    if unknown:
+        raise CheckpointError(
+            f"{path}: {len(unknown)} LyCORIS layer(s) match no layer of this {'/'.join(components)}: {few(unknown)}."
+        )
+    fits = [component for component, table in tables.items() if all(layer in table for layer in layers)]
+    if len(fits) != 1:
+        raise CheckpointError(
+            f"{path}: its LyCORIS layers (lycoris_…, the names of one wrapped model) fit "
+            f"{'each of ' + ', '.join(fits) if fits else 'no single component'}; import it onto that model alone."
+        )
+    return {layer: [(fits[0], tables[fits[0]][layer])] for layer in layers}
 
 
 def _second_transformer(target, components: dict[str, nn.Module]) -> nn.Module:
