@@ -36,7 +36,7 @@ from diffusers.models.normalization import AdaLayerNormContinuous
 from safetensors.torch import save_file
 from torch import nn
 
-from peft_hcp.base.components import DENOISERS, pipeline_components
+from peft_hcp.base.components import DENOISERS
 from peft_hcp.base.config import PEFT_HCP_VERSION
 from peft_hcp.base.unwrap import base_module
 from peft_hcp.errors import CheckpointError, few
@@ -47,8 +47,6 @@ from peft_hcp.selectors import selectable_modules
 from peft_hcp.single.lowrank import LowRankBlock
 
 
-#: how the names of a pipeline's denoisers start (``transformer_2`` is Wan 2.2's second expert)
-_DENOISER_NAMES = ("transformer", "unet")
 #: how ComfyUI's layer names of a diffusion model start
 PREFIX = "diffusion_model."
 _LORA = ("lora_down.weight", "lora_up.weight")
@@ -240,10 +238,7 @@ def export_comfyui(
     ``component="transformer_2"`` writes the second expert's file, ``component="transformer"`` the first's with the
     text encoders; without ``component``, adapters on the second expert are refused rather than left out.
     """
-    components = interchange_components(target)
-    if not isinstance(target, nn.Module):  # every denoiser of the pipeline (Wan 2.2's transformer_2 too)
-        every = pipeline_components(target, None)
-        components.update({c: m for c, m in every.items() if c.startswith(_DENOISER_NAMES) and c not in components})
+    components = interchange_components(target)  # Wan 2.2's transformer_2 too
     first = next((c for c in DENOISERS if c in components), None)
     name = component or first
     if name is not None and name not in components:
