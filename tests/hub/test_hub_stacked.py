@@ -33,3 +33,21 @@ def test_stacked_kinds_round_trip_in_either_order(order, tmp_path):
     assert list(fresh.peft_config) == [f"{kind}{index}" for index, kind in enumerate(order)]
     torch.testing.assert_close(unet_out(fresh, batch), out, rtol=0, atol=0)
     assert (out - unet_out(tiny_unet(), batch)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("exporter", ["kohya", "comfyui", "diffusers"])
+def test_a_file_format_of_one_network_per_layer_refuses_two_adapters_on_a_layer(exporter, tmp_path):
+    from peft_hcp.hub.interchange import export_comfyui, export_diffusers, export_kohya
+
+    export = {"kohya": export_kohya, "comfyui": export_comfyui, "diffusers": export_diffusers}[exporter]
+    unet = tiny_unet()
+    attach(unet, HcpLoraConfig(target_modules=["attn1.to_q"], init_weights=False), "a")
+    attach(unet, HcpLohaConfig(target_modules=["attn1.to_q"], init_weights=False), "b")
+    out = tmp_path / "out"
+    with pytest.raises(
+        ValueError, match=r"Adapters '[ab]' and '[ab]' both adapt '.*attn1\.to_q'.*adapter_names=\[\.\.\.\]"
+    ):
+        export(unet, str(out))
+    assert not out.exists()
+    export(unet, str(out), adapter_names=["a"])  # one at a time
+    assert out.exists()

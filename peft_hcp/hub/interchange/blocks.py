@@ -27,6 +27,23 @@ def lowrank_blocks(
                         yield name, adapter, block
 
 
+def one_block_per_layer(
+    model: nn.Module, adapter_names: Optional[list[str]], file_kind: str
+) -> dict[str, LowRankBlock]:
+    """``{host module name: block}`` for a ``file_kind`` that holds one network per layer: a layer two of the
+    adapters adapt is refused, naming both."""
+    blocks: dict[str, LowRankBlock] = {}
+    owner: dict[str, str] = {}
+    for name, adapter, block in lowrank_blocks(model, adapter_names):
+        if name in blocks:
+            raise ValueError(
+                f"Adapters {owner[name]!r} and {adapter!r} both adapt {name!r}; a {file_kind} holds one network per "
+                "layer. Export them one at a time (adapter_names=[...])."
+            )
+        blocks[name], owner[name] = block, adapter
+    return blocks
+
+
 def host_layer(model: nn.Module, name: str) -> nn.Module:
     """The original layer called ``name``, looking through adapter wrappers."""
     return base_module(model.get_submodule(name))

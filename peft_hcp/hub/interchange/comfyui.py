@@ -40,13 +40,15 @@ from peft_hcp.base.components import DENOISERS
 from peft_hcp.base.config import PEFT_HCP_VERSION
 from peft_hcp.base.unwrap import base_module
 from peft_hcp.errors import CheckpointError, few
-from peft_hcp.hub.interchange.blocks import file_variant, host_layer, lowrank_blocks
+from peft_hcp.hub.interchange.blocks import file_variant, host_layer, one_block_per_layer
 from peft_hcp.hub.interchange.names import kohya_name_table, kohya_prefixes
 from peft_hcp.hub.interchange.stock import interchange_components
 from peft_hcp.selectors import selectable_modules
 from peft_hcp.single.lowrank import LowRankBlock
 
 
+#: how errors name the file this module writes
+_FILE = "ComfyUI file"
 #: how ComfyUI's layer names of a diffusion model start
 PREFIX = "diffusion_model."
 _LORA = ("lora_down.weight", "lora_up.weight")
@@ -249,7 +251,7 @@ def export_comfyui(
 
         return export_kohya(target, path, adapter_names)
     others = [c for c in components if c != name and not c.startswith("text_encoder")]
-    left = [c for c in others if _one_block_per_module(components[c], adapter_names)]
+    left = [c for c in others if one_block_per_layer(components[c], adapter_names, _FILE)]
     if left and component is None:  # named by hand, the other denoisers' files are the caller's next calls
         raise ValueError(
             f"{', '.join(left)} also carries adapters; ComfyUI loads each denoiser with a file of its own: export "
@@ -265,21 +267,8 @@ def export_comfyui(
     return tensors
 
 
-def _one_block_per_module(model: nn.Module, adapter_names: Optional[list[str]]) -> dict[str, LowRankBlock]:
-    blocks: dict[str, LowRankBlock] = {}
-    owner: dict[str, str] = {}
-    for name, adapter, block in lowrank_blocks(model, adapter_names):
-        if name in blocks:
-            raise ValueError(
-                f"Adapters {owner[name]!r} and {adapter!r} both adapt {name!r}; a ComfyUI file holds one network "
-                "per layer. Export them one at a time (adapter_names=[...])."
-            )
-        blocks[name], owner[name] = block, adapter
-    return blocks
-
-
 def _denoiser_tensors(model: nn.Module, family: Family, adapter_names: Optional[list[str]]) -> dict[str, torch.Tensor]:
-    blocks = _one_block_per_module(model, adapter_names)
+    blocks = one_block_per_layer(model, adapter_names, _FILE)
     layers = comfyui_layers(model, family)
     named = {module for layer in layers for module in layer.modules}
     unnamed = sorted(set(blocks) - named)
@@ -313,7 +302,7 @@ def _text_encoder_tensors(
     prefixes = kohya_prefixes(encoders)
     tensors: dict[str, torch.Tensor] = {}
     for component, model in encoders.items():
-        blocks = _one_block_per_module(model, adapter_names)
+        blocks = one_block_per_layer(model, adapter_names, _FILE)
         if not blocks:
             continue
         if not type(model).__name__.startswith("CLIPTextModel"):

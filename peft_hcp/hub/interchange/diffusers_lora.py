@@ -29,7 +29,7 @@ from peft_hcp.adapter_set import DIFFUSERS_LORA_NAME
 from peft_hcp.adapter_set import adapter_names as adapter_names_on
 from peft_hcp.base.components import pipeline_components
 from peft_hcp.base.sharding import full_tensors
-from peft_hcp.hub.interchange.blocks import host_layer, lowrank_blocks
+from peft_hcp.hub.interchange.blocks import host_layer, lowrank_blocks, one_block_per_layer
 from peft_hcp.hub.interchange.stock import (
     check_placement,
     interchange_components,
@@ -130,10 +130,6 @@ def _blocks(
     components: dict[str, nn.Module], adapter_names: Optional[list[str]]
 ) -> Iterator[tuple[str, str, LowRankBlock]]:
     """``(component, module name, block)`` of every low-rank block; two adapters on one layer are refused."""
-    seen: set[tuple[str, str]] = set()
     for component, module in components.items():
-        for name, _adapter, block in lowrank_blocks(module, adapter_names):
-            if (component, name) in seen:
-                raise ValueError(f"Two adapters adapt {name!r}; export them one at a time (adapter_names=[...]).")
-            seen.add((component, name))
+        for name, block in one_block_per_layer(module, adapter_names, "diffusers LoRA file").items():
             yield component, name, block

@@ -35,7 +35,7 @@ from peft_hcp.base.preflight import rehearse
 from peft_hcp.base.snapshot import all_or_nothing
 from peft_hcp.base.unwrap import base_module
 from peft_hcp.errors import CheckpointError, few
-from peft_hcp.hub.interchange.blocks import file_variant, lowrank_blocks
+from peft_hcp.hub.interchange.blocks import file_variant, lowrank_blocks, one_block_per_layer
 from peft_hcp.hub.interchange.comfyui import comfyui_layers_of_file, reads_comfyui_layout
 from peft_hcp.hub.interchange.names import kohya_name_table, kohya_prefixes
 from peft_hcp.hub.interchange.stock import (
@@ -64,24 +64,18 @@ def export_kohya(target, path: str, adapter_names: Optional[list[str]] = None) -
     prefixes = kohya_prefixes(components)
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, tuple[str, str]] = {}
-    owner: dict[str, str] = {}
     for component, module in components.items():
+        blocks = one_block_per_layer(module, adapter_names, "kohya file")
         if component not in prefixes:  # Wan 2.2's transformer_2: kohya has no name for a second denoiser
-            if any(True for _ in lowrank_blocks(module, adapter_names)):
+            if blocks:
                 raise ValueError(
                     f"A kohya file has no names for {component!r}; export its adapters with "
                     f"export_comfyui(pipe, path, component={component!r})."
                 )
             continue
         layer_of = {name: layer for layer, name in kohya_name_table(module, prefixes[component]).items()}
-        for name, adapter, block in lowrank_blocks(module, adapter_names):
+        for name, block in blocks.items():
             layer = layer_of[name]
-            if layer in owner:
-                raise ValueError(
-                    f"Adapters {owner[layer]!r} and {adapter!r} both adapt {name!r}; a kohya file holds one "
-                    "network per layer. Export them one at a time (adapter_names=[...])."
-                )
-            owner[layer] = adapter
             origin[layer] = (component, name)
             try:
                 tensors.update({f"{layer}.{key}": value for key, value in block.kohya_tensors().items()})
